@@ -1,0 +1,186 @@
+"""Typed configuration of the engine: the network's shape (ModelConfig), the attention mode (FamConfig) and
+the runtime limits (EngineConfig). Bad values raise ValueError naming the field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Mode = Literal["fam", "bswa", "full"]
+MODES: tuple[str, ...] = ("fam", "bswa", "full")
+
+# Architectures whose decoder is the Llama block (RMSNorm, RoPE, GQA, SwiGLU); Qwen2 adds a QKV bias.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling ("llama3") or plain position interpolation ("linear")."""
+
+    kind: Literal["llama3", "linear"]
+    factor: float  # how much longer than the original context
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder, read from an HF config.json or GGUF metadata."""
+
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    vocab_size: int
+    hidden_size: int  # C
+    intermediate_size: int  # SwiGLU inner width
+    num_layers: int  # N
+    num_heads: int  # H
+    num_kv_heads: int  # Hkv (GQA: H is a multiple of Hkv)
+    head_dim: int  # D
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096  # the context the checkpoint was trained for
+    tie_word_embeddings: bool = False  # lm_head shares the token embedding matrix
+    attention_bias: bool = False  # QKV projections carry a bias (Qwen2)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.architecture in SUPPORTED_ARCHITECTURES, "architecture",
+                 f"{self.architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim"):
+            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                 f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        _require(self.head_dim % 2 == 0, "head_dim", "must be even for RoPE")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Build from the dict of an HF config.json (Llama, Mistral, Qwen2, SmolLM2)."""
+        model_type = cfg.get("model_type", "")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"model_type: {model_type!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        scaling = None
+        raw = cfg.get("rope_scaling") or None
+        if raw is None and isinstance(cfg.get("rope_parameters"), dict):  # transformers >= 5 naming
+            raw = cfg["rope_parameters"]
+        rope_theta = float(cfg.get("rope_theta") or (raw or {}).get("rope_theta") or 10000.0)
+        if raw:
+            kind = raw.get("rope_type", raw.get("type", "default"))
+            if kind == "llama3":
+                scaling = RopeScaling("llama3", float(raw["factor"]), float(raw.get("low_freq_factor", 1.0)),
+                                      float(raw.get("high_freq_factor", 4.0)),
+                                      int(raw.get("original_max_position_embeddings", 8192)))
+            elif kind == "linear":
+                scaling = RopeScaling("linear", float(raw["factor"]))
+            elif kind != "default":
+                raise ValueError(f"rope_scaling: type {kind!r} is not supported (supported: llama3, linear)")
+        return cls(
+            architecture=model_type,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    def fingerprint(self) -> str:
+        """A short hash of the shape; saved states and adapters record it to refuse a different model."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FamConfig:
+    """How attention sees the past (FAM-SPEC.md). fam: blocks + memory + feedback memory; bswa: F = 0;
+    full: plain causal attention over at most full_context_tokens (memory grows with it)."""
+
+    mode: Mode = "bswa"
+    block_size: int = 1024  # L, tokens per block
+    memory_blocks: int = 3  # M, previous blocks of keys/values visible to a block
+    fam_length: int = 64  # F, feedback-memory rows per layer (used in fam mode only)
+    sink_tokens: int = 4  # S, first tokens kept visible forever (attention sinks); 0 turns it off
+    full_context_tokens: int = 8192  # full mode only: the preallocated context, in tokens
+
+    def __post_init__(self) -> None:
+        _require(self.mode in MODES, "mode", f"{self.mode!r} is not one of {', '.join(MODES)}")
+        _require(self.block_size > 0, "block_size", f"must be positive, got {self.block_size}")
+        _require(self.memory_blocks >= 0, "memory_blocks", f"must be >= 0, got {self.memory_blocks}")
+        _require(self.fam_length >= 0, "fam_length", f"must be >= 0, got {self.fam_length}")
+        _require(0 <= self.sink_tokens <= self.block_size, "sink_tokens",
+                 f"must be in 0..block_size ({self.block_size}), got {self.sink_tokens}")
+        _require(self.full_context_tokens > 0, "full_context_tokens", "must be positive")
+
+    @property
+    def num_fam_rows(self) -> int:
+        """F as the engine uses it: 0 unless the mode is fam."""
+        return self.fam_length if self.mode == "fam" else 0
+
+    @property
+    def num_sinks(self) -> int:
+        """S as the engine uses it: full mode sees every token, so it needs no sinks."""
+        return 0 if self.mode == "full" else self.sink_tokens
+
+    @property
+    def ring_blocks(self) -> int:
+        """Blocks in the key/value ring: the M memory blocks plus the block being filled."""
+        if self.mode == "full":
+            return -(-self.full_context_tokens // self.block_size)
+        return self.memory_blocks + 1
+
+    @property
+    def max_tokens(self) -> int | None:
+        """Longest stream this mode can hold, or None when unbounded."""
+        return self.ring_blocks * self.block_size if self.mode == "full" else None
+
+    def describe(self) -> str:
+        if self.mode == "full":
+            return f"full (causal attention, up to {self.max_tokens} tokens)"
+        fam = f" F={self.fam_length}" if self.mode == "fam" else ""
+        return f"{self.mode} (L={self.block_size} M={self.memory_blocks}{fam} S={self.sink_tokens})"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Runtime choices of one engine instance."""
+
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights, activations and state
+    max_running: int = 32  # streams decoded together in one step
+    prefill_chunk_tokens: int = 512  # most prompt tokens of one stream processed in one step
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported dtype {self.dtype!r}")
+        _require(self.max_running > 0, "max_running", "must be positive")
+        _require(self.prefill_chunk_tokens > 0, "prefill_chunk_tokens", "must be positive")
+
+
+@dataclass(frozen=True)
+class StateSignature:
+    """What a saved state must match to be loaded: the model's shape and the attention config."""
+
+    model_id: str
+    model_fingerprint: str
+    fam: FamConfig = field(default_factory=FamConfig)
