@@ -1,1 +1,1 @@
-print("x")
+"""famserve.engine: the TransformerFAM streaming engine."""

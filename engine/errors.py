@@ -23,3 +23,7 @@ class ContextLengthError(FamserveError):
 
 class InvalidRequestError(FamserveError):
     """A request the engine cannot serve as given (bad sampling values, empty prompt, unknown token ids)."""
+
+
+class QueueFullError(FamserveError):
+    """The engine's waiting queue is full; the caller should retry later."""

@@ -1,0 +1,291 @@
+"""The Llama-family decoder with TransformerFAM attention (Hwang et al., "TransformerFAM: Feedback attention is
+working memory", arXiv 2404.09173, Algorithm 2), computed as a stream: tokens of the block being filled attend to
+[sinks | FAM_prev | M memory blocks | the block so far]; when a block completes, each layer's FAM rows attend to
+[FAM_prev | the whole block] and become the next FAM (see docs/engine.md and FAM-SPEC.md).
+
+Dimensions: B streams in a step, T tokens of one stream in a step, C hidden size, H query heads, Hkv key/value
+heads, D head dim, N layers, L block size, M memory blocks, F FAM rows, S sink tokens, K key slots per layer
+(S + F + R*L, R = ring blocks), V vocabulary. Module names equal HF's so checkpoints load by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as fn
+from torch import nn
+
+from .config import FamConfig, ModelConfig
+from .errors import ContextLengthError
+from .rope import Rotary, rotate
+from .state import EMPTY, FamState, StateLayout, allocate
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """The projections of one attention layer (the attention itself runs in FamModel, which owns the state)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (T, C) normed -> q (T, H, D) and k (T, Hkv, D) rotated, v (T, Hkv, D), and the unrotated k."""
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, H, D)
+        k_raw = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        return rotate(q, cos, sin), rotate(k_raw, cos, sin), v, k_raw
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(fn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def finish(self, residual: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """attn (T, H*D) attention output -> the layer's output rows, given the attention residual."""
+        h = residual + self.self_attn.o_proj(attn)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q (T, H, D); k, v (Hkv, K, D); mask (T, K) bool or None -> (T, H*D)."""
+    t, h, d = q.shape
+    out = fn.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None],
+                                          attn_mask=None if mask is None else mask[None, None],
+                                          enable_gqa=True)  # (1, H, T, D)
+    return out[0].transpose(0, 1).reshape(t, h * d)
+
+
+@dataclass
+class StepPiece:
+    """Tokens of one stream processed in one step; they never cross that stream's block boundary."""
+
+    state: FamState
+    token_ids: torch.Tensor  # (T,) int64
+
+
+class FamModel(nn.Module):
+    """A Llama-family decoder that advances FamStates. `step` runs the tokens of many streams at once (dense layers
+    batched over all their rows, attention per stream against its own slots); `complete_block` runs the FAM update
+    and moves the window when a stream's block fills up."""
+
+    def __init__(self, cfg: ModelConfig, fam: FamConfig):
+        super().__init__()
+        self.config, self.fam_config = cfg, fam
+        self.layout = StateLayout.from_configs(cfg, fam)
+        self.model = Backbone(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+        self._blank: FamState | None = None  # a fresh stream's state (holds FAM_0), built once
+
+    # --- weights ------------------------------------------------------------------------------------------------
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (T, C) last-layer rows -> (T, V) float32 logits."""
+        return fn.linear(self.model.norm(hidden), self.output_weight()).float()
+
+    def to_device(self, device: torch.device | str, dtype: torch.dtype) -> "FamModel":
+        self.to(device=device, dtype=dtype)
+        self.rotary = Rotary(self.config, device)
+        self._blank = None
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    # --- FAM_0 ---------------------------------------------------------------------------------------------------
+
+    def default_fam_prompt(self) -> torch.Tensor:
+        """(F, C) the FAM prompt used without a trained adapter: the mean token embedding in every row (the least
+        harmful of the defaults measured in FAM-SPEC.md)."""
+        mean = self.model.embed_tokens.weight.mean(dim=0)
+        return mean.expand(self.layout.num_fam, -1).clone()
+
+    def initial_fam(self, prompt: torch.Tensor) -> torch.Tensor:
+        """FAM_0 (N, F, C): the prompt P propagated through the layers as its own sequence, full attention among
+        its F rows at positions -F..-1; FAM_0[l] is the hidden state entering layer l."""
+        f = prompt.shape[0]
+        cos, sin = self.rotary.cos_sin(torch.arange(-f, 0), prompt.dtype)
+        x, per_layer = prompt, []
+        for layer in self.model.layers:
+            per_layer.append(x)
+            q, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+            x = layer.finish(x, attend(q, k.transpose(0, 1), v.transpose(0, 1), None))
+        return torch.stack(per_layer)  # (N, F, C)
+
+    def set_fam_prompt(self, prompt: torch.Tensor | None) -> None:
+        """Use a trained FAM prompt (F, C), or the default when None; fresh states start from its FAM_0."""
+        self._fam_prompt = prompt
+        self._blank = None
+
+    # --- states --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def new_state(self) -> FamState:
+        """A fresh stream: every slot empty except the FAM_0 rows (at positions -F..-1)."""
+        if self._blank is None:
+            blank = allocate(self.layout, self.device, self.dtype)
+            if self.layout.num_fam:
+                prompt = getattr(self, "_fam_prompt", None)
+                prompt = self.default_fam_prompt() if prompt is None else prompt.to(self.device, self.dtype)
+                blank.fam.copy_(self.initial_fam(prompt))
+                self._write_fam_keys(blank)
+            self._blank = blank
+        return self._blank.clone()
+
+    def _write_fam_keys(self, state: FamState) -> None:
+        """Project each layer's FAM rows to keys/values at positions b-F..b-1 of the block about to start."""
+        lay, b = self.layout, state.block_start
+        pos = torch.arange(b - lay.num_fam, b, device=self.device)
+        cos, sin = self.rotary.cos_sin(pos, self.dtype)
+        for l, layer in enumerate(self.model.layers):
+            _, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(state.fam[l]), cos, sin)
+            state.k[l, :, lay.num_sinks:lay.ring_start] = k.transpose(0, 1)
+            state.v[l, :, lay.num_sinks:lay.ring_start] = v.transpose(0, 1)
+        state.key_pos[lay.num_sinks:lay.ring_start] = pos
+
+    # --- the streaming step --------------------------------------------------------------------------------------
+
+    def step(self, pieces: list[StepPiece], all_logits: bool = False) -> list[torch.Tensor]:
+        """Run each piece's tokens through the network, writing their keys/values into its state.
+        Returns per piece the logits (T, V) of every token if all_logits, else of its last token (1, V).
+        The caller completes blocks (complete_block) when a piece fills its stream's block."""
+        lay = self.layout
+        positions, masks, slots = [], [], []
+        for piece in pieces:
+            st, t = piece.state, piece.token_ids.numel()
+            start = st.num_tokens
+            if t == 0 or start % lay.block_size + t > lay.block_size:
+                raise ValueError("a step piece must hold 1..(tokens left in the block) tokens")
+            if self.fam_config.mode == "full" and start + t > lay.ring_blocks * lay.block_size:
+                raise ContextLengthError(f"full attention holds at most {lay.ring_blocks * lay.block_size} tokens; "
+                                         f"this stream would reach {start + t}")
+            pos = torch.arange(start, start + t, device=self.device)
+            slot = lay.block_slot(start // lay.block_size) + start % lay.block_size
+            st.key_pos[slot:slot + t] = pos
+            # Slots past the high-water mark were never written: leave them out of the attention entirely.
+            used = lay.ring_start + min(start + t, lay.ring_blocks * lay.block_size)
+            masks.append(st.key_pos[None, :used] <= pos[:, None])  # (T, K_used)
+            positions.append(pos)
+            slots.append(slot)
+        sizes = [p.token_ids.numel() for p in pieces]
+        all_pos = torch.cat(positions)
+        cos, sin = self.rotary.cos_sin(all_pos, self.dtype)
+        x = self.model.embed_tokens(torch.cat([p.token_ids for p in pieces]).to(self.device))  # (sum T, C)
+        for l, layer in enumerate(self.model.layers):
+            q, k, v, k_raw = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+            outs, row = [], 0
+            for piece, t, slot, mask, pos in zip(pieces, sizes, slots, masks, positions):
+                st = piece.state
+                st.k[l, :, slot:slot + t] = k[row:row + t].transpose(0, 1)
+                st.v[l, :, slot:slot + t] = v[row:row + t].transpose(0, 1)
+                if pos[0] < lay.num_sinks:
+                    self._keep_sinks(st, l, pos, k_raw[row:row + t], v[row:row + t])
+                used = mask.shape[1]
+                outs.append(attend(q[row:row + t], st.k[l, :, :used], st.v[l, :, :used], mask))
+                row += t
+            x = layer.finish(x, torch.cat(outs))
+        for piece, t in zip(pieces, sizes):
+            piece.state.num_tokens += t
+        out, row = [], 0
+        for t in sizes:
+            rows = x[row:row + t] if all_logits else x[row + t - 1:row + t]
+            out.append(self.logits(rows))
+            row += t
+        return out
+
+    def _keep_sinks(self, st: FamState, layer: int, pos: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor):
+        """Remember the first S tokens' unrotated keys and their values; they become visible once their block
+        leaves the window (complete_block)."""
+        n = int((pos < self.layout.num_sinks).sum())
+        first = int(pos[0])
+        st.sink_k[layer, :, first:first + n] = k_raw[:n].transpose(0, 1)
+        st.v[layer, :, first:first + n] = v[:n].transpose(0, 1)
+
+    # --- block completion ----------------------------------------------------------------------------------------
+
+    def complete_block(self, state: FamState) -> None:
+        """Called when the block being filled is full: update each layer's FAM from [FAM_prev | block], then
+        start the next block: free its ring slots, re-position the sinks, project the new FAM to keys."""
+        lay = self.layout
+        assert state.num_tokens > 0 and state.num_tokens % lay.block_size == 0, "block is not complete"
+        finished = state.num_tokens // lay.block_size - 1  # 0-based index of the full block
+        if lay.num_fam:
+            self._update_fam(state, finished)
+        slot = lay.block_slot(finished + 1)
+        state.key_pos[slot:slot + lay.block_size] = EMPTY
+        window_start = state.num_tokens - lay.memory_blocks * lay.block_size
+        if lay.num_sinks and window_start > 0:
+            pos = torch.arange(window_start - lay.num_sinks, window_start, device=self.device)
+            cos, sin = self.rotary.cos_sin(pos, self.dtype)
+            for l in range(lay.num_layers):
+                state.k[l, :, :lay.num_sinks] = rotate(state.sink_k[l].transpose(0, 1), cos, sin).transpose(0, 1)
+            state.key_pos[:lay.num_sinks] = pos
+        if lay.num_fam:
+            self._write_fam_keys(state)
+
+    def _update_fam(self, state: FamState, block_index: int) -> None:
+        lay = self.layout
+        b = block_index * lay.block_size
+        cos, sin = self.rotary.cos_sin(torch.arange(b - lay.num_fam, b, device=self.device), self.dtype)
+        slot = lay.block_slot(block_index)
+        first_update = state.num_fam_updates == 0
+        for l, layer in enumerate(self.model.layers):
+            fam = state.fam[l]  # (F, C)
+            q, _, _, _ = layer.self_attn.qkv(layer.input_layernorm(fam), cos, sin)
+            # FAM queries see FAM_prev (already projected in the fam slots) and the whole block, nothing else.
+            k = torch.cat([state.k[l, :, lay.num_sinks:lay.ring_start], state.k[l, :, slot:slot + lay.block_size]],
+                          dim=1)  # (Hkv, F + L, D)
+            v = torch.cat([state.v[l, :, lay.num_sinks:lay.ring_start], state.v[l, :, slot:slot + lay.block_size]],
+                          dim=1)
+            # The first update's residual is zeros: FAM_0 carries no context (paper B.1).
+            residual = torch.zeros_like(fam) if first_update else fam
+            state.fam[l] = layer.finish(residual, attend(q, k, v, None))
+        state.num_fam_updates += 1

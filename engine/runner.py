@@ -1,0 +1,74 @@
+"""ModelRunner: feeds token streams of any length through FamModel in block-bounded pieces, completing blocks as
+they fill, so prefill of an unbounded input needs memory for one block only and a batch of streams with
+different partial-block offsets advances in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .model import FamModel, StepPiece
+from .state import FamState
+
+
+def _as_tensor(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    return ids.to(torch.int64).flatten() if isinstance(ids, torch.Tensor) else torch.tensor(list(ids), dtype=torch.int64)
+
+
+class ModelRunner:
+    def __init__(self, model: FamModel, max_step_tokens: int = 512):
+        self.model = model
+        self.max_step_tokens = max_step_tokens  # most tokens of one stream in one forward pass
+
+    @property
+    def block_size(self) -> int:
+        return self.model.layout.block_size
+
+    @torch.no_grad()
+    def run(self, states: Sequence[FamState], token_ids: Sequence[Sequence[int] | torch.Tensor],
+            all_logits: bool = False) -> list[torch.Tensor]:
+        """Advance each state by its tokens (lengths may differ; each >= 1). Returns per stream the logits of its
+        last token (1, V), or of all its tokens (T, V) if all_logits."""
+        pending = [_as_tensor(t) for t in token_ids]
+        if any(t.numel() == 0 for t in pending):
+            raise ValueError("every stream needs at least one token")
+        done = [0] * len(states)
+        results: list[list[torch.Tensor]] = [[] for _ in states]
+        while True:
+            pieces, owners = [], []
+            for i, (st, toks) in enumerate(zip(states, pending)):
+                if done[i] < toks.numel():
+                    room = self.block_size - st.num_tokens % self.block_size
+                    n = min(room, toks.numel() - done[i], self.max_step_tokens)
+                    pieces.append(StepPiece(st, toks[done[i]:done[i] + n]))
+                    owners.append(i)
+                    done[i] += n
+            if not pieces:
+                break
+            for i, logits in zip(owners, self.model.step(pieces, all_logits=all_logits)):
+                results[i].append(logits)
+            for piece in pieces:
+                if piece.state.num_tokens % self.block_size == 0:
+                    self.model.complete_block(piece.state)
+        return [torch.cat(r) if all_logits else r[-1] for r in results]
+
+    def prefill(self, state: FamState, chunks: Iterable[Sequence[int] | torch.Tensor],
+                all_logits: bool = False) -> torch.Tensor | None:
+        """Feed an iterable of token chunks (a huge input never needs to sit in memory whole). Returns the last
+        token's logits (1, V), or every token's (T, V) if all_logits; None if the chunks held no token."""
+        last, every = None, []
+        for chunk in chunks:
+            ids = _as_tensor(chunk)
+            if ids.numel() == 0:
+                continue
+            out = self.run([state], [ids], all_logits=all_logits)[0]
+            every.append(out) if all_logits else None
+            last = out[-1:]
+        if all_logits:
+            return torch.cat(every) if every else None
+        return last
+
+    def decode(self, states: Sequence[FamState], token_ids: Sequence[int]) -> torch.Tensor:
+        """One decode step for a batch of streams: one new token each. Returns (B, V) logits."""
+        return torch.cat(self.run(states, [[t] for t in token_ids]))

@@ -1,0 +1,173 @@
+"""Exactness of the streaming FAM model: HF parity in full mode, chunking invariance, constant state size,
+save/load, batch invariance. Tiny random Llama; tolerances are stated per test (fp32)."""
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from famserve.engine.config import FamConfig, ModelConfig
+from famserve.engine.errors import ContextLengthError, StateFormatError, StateMismatchError
+from famserve.engine.model import FamModel
+from famserve.engine.runner import ModelRunner
+from famserve.engine.state import FamState
+
+ATOL = 2e-5  # fp32, 2 layers: observed differences are ~1e-7
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      rope_theta=10000.0, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def fam_model(hf, **fam) -> FamModel:
+    model = FamModel(ModelConfig.from_hf_config(hf.config.to_dict()), FamConfig(**fam))
+    model.load_state_dict(hf.state_dict(), strict=True)
+    return model.eval()
+
+
+def run_chunks(model: FamModel, tokens: torch.Tensor, sizes) -> tuple[torch.Tensor, FamState]:
+    """Feed `tokens` in chunks whose sizes come from the iterator `sizes`; return every position's logits."""
+    runner, state, out, i = ModelRunner(model), model.new_state(), [], 0
+    while i < len(tokens):
+        n = min(next(sizes), len(tokens) - i)
+        out.append(runner.run([state], [tokens[i:i + n]], all_logits=True)[0])
+        i += n
+    return torch.cat(out), state
+
+
+def ones():
+    while True:
+        yield 1
+
+
+def randoms(seed):
+    rng = random.Random(seed)
+    while True:
+        yield rng.randint(1, 11)
+
+
+def whole():
+    while True:
+        yield 10**9
+
+
+MODES = [
+    dict(mode="fam", block_size=8, memory_blocks=1, fam_length=4, sink_tokens=2),
+    dict(mode="fam", block_size=8, memory_blocks=0, fam_length=3, sink_tokens=0),
+    dict(mode="bswa", block_size=8, memory_blocks=2, sink_tokens=4),
+    dict(mode="bswa", block_size=8, memory_blocks=1, sink_tokens=0),
+]
+
+
+def test_full_mode_matches_hf_logits(hf_model):
+    tokens = torch.randint(0, 128, (77,), generator=torch.Generator().manual_seed(1))
+    model = fam_model(hf_model, mode="full", block_size=16, full_context_tokens=128)
+    with torch.no_grad():
+        expected = hf_model(tokens[None]).logits[0]
+    got, _ = run_chunks(model, tokens, randoms(2))
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("fam", MODES, ids=lambda f: f"{f['mode']}-M{f['memory_blocks']}-S{f['sink_tokens']}")
+def test_chunking_invariance(hf_model, fam):
+    model = fam_model(hf_model, **fam)
+    tokens = torch.randint(0, 128, (5 * 8 + 3,), generator=torch.Generator().manual_seed(3))
+    ref, ref_state = run_chunks(model, tokens, whole())
+    for sizes in (ones(), randoms(4), randoms(5)):
+        got, state = run_chunks(model, tokens, sizes)
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+        assert state.num_tokens == ref_state.num_tokens and state.num_fam_updates == ref_state.num_fam_updates
+        for name, t in ref_state.tensors().items():
+            torch.testing.assert_close(state.tensors()[name], t, atol=ATOL, rtol=0, msg=name)
+
+
+def test_memory_covering_input_without_fam_equals_full(hf_model):
+    tokens = torch.randint(0, 128, (45,), generator=torch.Generator().manual_seed(6))
+    full, _ = run_chunks(fam_model(hf_model, mode="full", block_size=8, full_context_tokens=64), tokens, whole())
+    bswa, _ = run_chunks(fam_model(hf_model, mode="bswa", block_size=8, memory_blocks=6, sink_tokens=4),
+                         tokens, randoms(7))
+    torch.testing.assert_close(bswa, full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["fam", "bswa"])
+def test_state_bytes_do_not_grow(hf_model, mode):
+    model = fam_model(hf_model, mode=mode, block_size=4, memory_blocks=1, fam_length=2, sink_tokens=1)
+    runner, state = ModelRunner(model), model.new_state()
+    runner.prefill(state, [torch.randint(0, 128, (40,))])
+    after_10_blocks = state.nbytes
+    runner.prefill(state, [torch.randint(0, 128, (396,)) for _ in range(10)])
+    assert state.num_tokens == 4000
+    assert state.nbytes == after_10_blocks
+
+
+def greedy_continue(model, state, first_logits, n):
+    runner, logits, out = ModelRunner(model), first_logits, []
+    for _ in range(n):
+        token = int(logits[-1].argmax())
+        out.append(token)
+        logits = runner.decode([state], [token])
+    return out
+
+
+@pytest.mark.parametrize("fam", MODES[:3], ids=lambda f: f"{f['mode']}-M{f['memory_blocks']}")
+def test_save_load_continue(hf_model, fam, tmp_path):
+    model = fam_model(hf_model, **fam)
+    runner = ModelRunner(model)
+    state = model.new_state()
+    logits = runner.prefill(state, [torch.randint(0, 128, (29,), generator=torch.Generator().manual_seed(8))])
+    path = tmp_path / "s.safetensors"
+    state.save(path, "tiny", model.config, model.fam_config)
+    loaded = FamState.load(path, model.config, model.fam_config)
+    assert loaded.num_tokens == 29
+    assert greedy_continue(model, loaded, logits, 20) == greedy_continue(model, state, logits, 20)
+
+
+def test_load_refuses_other_config_and_corruption(hf_model, tmp_path):
+    model = fam_model(hf_model, mode="fam", block_size=8, memory_blocks=1, fam_length=4, sink_tokens=2)
+    state = model.new_state()
+    data = state.to_bytes("tiny", model.config, model.fam_config)
+    other_fam = FamConfig(mode="fam", block_size=16, memory_blocks=1, fam_length=4, sink_tokens=2)
+    with pytest.raises(StateMismatchError, match="attention config"):
+        FamState.from_bytes(data, model.config, other_fam)
+    other_model = ModelConfig(**{**model.config.__dict__, "num_layers": 3})
+    with pytest.raises(StateMismatchError, match="different architecture"):
+        FamState.from_bytes(data, other_model, model.fam_config)
+    with pytest.raises(StateFormatError, match="truncated"):
+        FamState.from_bytes(data[:5], model.config, model.fam_config)
+    with pytest.raises(StateFormatError):
+        FamState.from_bytes(data[:len(data) // 2], model.config, model.fam_config)
+
+
+@pytest.mark.parametrize("fam", MODES[:3], ids=lambda f: f"{f['mode']}-M{f['memory_blocks']}")
+def test_batched_decode_equals_alone(hf_model, fam):
+    """Streams at different partial-block offsets decoded together give each one's solo tokens."""
+    model = fam_model(hf_model, **fam)
+    runner = ModelRunner(model)
+    prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 8, 13, 22)]
+    solo = []
+    for p in prompts:
+        state = model.new_state()
+        solo.append(greedy_continue(model, state, runner.prefill(state, [p]), 15))
+    states = [model.new_state() for _ in prompts]
+    logits = torch.cat(runner.run(states, prompts))
+    batched = [[] for _ in prompts]
+    for _ in range(15):
+        tokens = [int(t) for t in logits.argmax(-1)]
+        for out, t in zip(batched, tokens):
+            out.append(t)
+        logits = runner.decode(states, tokens)
+    assert batched == solo
+
+
+def test_full_mode_refuses_past_its_context(hf_model):
+    model = fam_model(hf_model, mode="full", block_size=8, full_context_tokens=16)
+    state = model.new_state()
+    ModelRunner(model).prefill(state, [list(range(16))])
+    with pytest.raises(ContextLengthError):
+        ModelRunner(model).decode([state], [1])
