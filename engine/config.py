@@ -48,7 +48,8 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 4096  # the context the checkpoint was trained for
     tie_word_embeddings: bool = False  # lm_head shares the token embedding matrix
-    attention_bias: bool = False  # QKV projections carry a bias (Qwen2)
+    attention_bias: bool = False  # QKV projections carry a bias (Qwen2; Llama with attention_bias)
+    attention_out_bias: bool = False  # the output projection carries a bias too (Llama with attention_bias)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -103,6 +104,7 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            attention_out_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )

@@ -1,0 +1,87 @@
+"""FamAdapter: the only weights FAM adds to a checkpoint — a FAM prompt P (F x C) and optional LoRA deltas — in one
+safetensors file whose metadata names the base model; LoRA is merged into the weights at load time."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import FamConfig, ModelConfig
+from .errors import CheckpointError
+
+FORMAT = "famserve-fam-adapter/1"
+
+
+@dataclass
+class FamAdapter:
+    fam_prompt: torch.Tensor  # (F, C) at the token-embedding level
+    base_fingerprint: str  # ModelConfig.fingerprint() of the model it was trained on
+    base_model_id: str
+    block_size: int  # L it was trained with
+    memory_blocks: int  # M it was trained with
+    sink_tokens: int  # S it was trained with
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A (r, in), B (out, r))
+    lora_scale: float = 1.0  # alpha / rank
+
+    @property
+    def fam_length(self) -> int:
+        return self.fam_prompt.shape[0]
+
+    def save(self, path: str | Path) -> None:
+        tensors = {"fam_prompt": self.fam_prompt.contiguous().float().cpu()}
+        for name, (a, b) in self.lora.items():
+            tensors[f"lora.{name}.A"] = a.contiguous().float().cpu()
+            tensors[f"lora.{name}.B"] = b.contiguous().float().cpu()
+        meta = {"format": FORMAT, "base_fingerprint": self.base_fingerprint, "base_model_id": self.base_model_id,
+                "fam": json.dumps({"block_size": self.block_size, "memory_blocks": self.memory_blocks,
+                                   "sink_tokens": self.sink_tokens}),
+                "lora_scale": str(self.lora_scale)}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FamAdapter":
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: FAM adapter file not found")
+        try:
+            tensors = load_file(str(path))
+            with open(path, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable FAM adapter ({e})") from e
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != FORMAT or "fam_prompt" not in tensors:
+            raise CheckpointError(f"{path}: not a famserve FAM adapter (format {meta.get('format')!r})")
+        fam = json.loads(meta["fam"])
+        lora = {}
+        for key in tensors:
+            if key.startswith("lora.") and key.endswith(".A"):
+                name = key[len("lora."):-len(".A")]
+                lora[name] = (tensors[key], tensors[f"lora.{name}.B"])
+        return cls(tensors["fam_prompt"], meta["base_fingerprint"], meta.get("base_model_id", "?"),
+                   int(fam["block_size"]), int(fam["memory_blocks"]), int(fam["sink_tokens"]), lora,
+                   float(meta.get("lora_scale", 1.0)))
+
+    def check_compatible(self, model: ModelConfig, fam: FamConfig) -> None:
+        if self.base_fingerprint != model.fingerprint():
+            raise CheckpointError(f"FAM adapter was trained for {self.base_model_id!r} (a different architecture); "
+                                  "it cannot be used with this model")
+        if self.fam_prompt.shape[1] != model.hidden_size:
+            raise CheckpointError(f"FAM adapter prompt width {self.fam_prompt.shape[1]} != hidden size "
+                                  f"{model.hidden_size}")
+
+    def merge_into(self, model: torch.nn.Module) -> None:
+        """Add each LoRA delta B @ A * scale to its linear weight and install the FAM prompt."""
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, (a, b) in self.lora.items():
+                linear = modules.get(name)
+                if not isinstance(linear, torch.nn.Linear):
+                    raise CheckpointError(f"FAM adapter targets {name!r}, which is not a linear layer of this model")
+                linear.weight += (b.float() @ a.float() * self.lora_scale).to(linear.weight.dtype)
+        model.set_fam_prompt(self.fam_prompt)

@@ -1,0 +1,113 @@
+"""The `famserve` command: `serve` runs the HTTP server, `generate` streams one completion from the engine in this
+process (no server), printing speed and state size to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="HF folder, GGUF file, or alias (smollm2-135m)")
+    p.add_argument("--mode", choices=["fam", "bswa", "full"], default=None,
+                   help="attention mode (default: fam with a trained adapter, else bswa)")
+    p.add_argument("--block-size", type=int, default=1024, help="L: tokens per block")
+    p.add_argument("--memory-blocks", type=int, default=3, help="M: previous blocks visible")
+    p.add_argument("--fam-length", type=int, default=64, help="F: feedback-memory rows per layer")
+    p.add_argument("--sink-tokens", type=int, default=4, help="S: attention-sink tokens kept visible")
+    p.add_argument("--fam-adapter", default=None, help="trained FAM adapter (safetensors)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from famserve.engine.build import load_model
+    from famserve.engine.config import EngineConfig, FamConfig
+    from famserve.engine.errors import FamserveError
+    from famserve.engine.runner import ModelRunner
+    from famserve.engine.sampling import Sampler, SamplingParams, SamplingState
+    from famserve.engine.tokenizer import IncrementalDetokenizer
+
+    try:
+        fam = FamConfig(block_size=args.block_size, memory_blocks=args.memory_blocks, fam_length=args.fam_length,
+                        sink_tokens=args.sink_tokens)
+        loaded = load_model(args.model, fam, args.mode, EngineConfig(device=args.device, dtype=args.dtype),
+                            args.fam_adapter)
+        text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+        tok = loaded.tokenizer
+        prompt = tok.apply_chat_template([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed)
+    except (FamserveError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model = loaded.model
+    print(f"[famserve] {loaded.model_id}, mode {model.fam_config.describe()}", file=sys.stderr)
+    runner, sampler = ModelRunner(model), Sampler(model.config.vocab_size)
+    sampling = SamplingState(params, model.config.vocab_size, prompt, device=model.device)
+    state = model.new_state()
+    t0 = time.perf_counter()
+    logits = runner.prefill(state, [prompt[i:i + 4096] for i in range(0, len(prompt), 4096)])
+    t_prefill = time.perf_counter() - t0
+    detok = IncrementalDetokenizer(tok)
+    eos = set(model.config.eos_token_ids) | set(tok.eos_token_ids)
+    n, t1 = 0, time.perf_counter()
+    with torch.no_grad():
+        while n < params.max_tokens:
+            token = sampler.sample(logits, [sampling]).token_ids[0]
+            sampling.observe(token)
+            n += 1
+            if token in eos:
+                break
+            sys.stdout.write(detok.push(token))
+            sys.stdout.flush()
+            logits = runner.decode([state], [token])
+    sys.stdout.write(detok.flush() + "\n")
+    t_decode = time.perf_counter() - t1
+    print(f"[famserve] prompt {len(prompt)} tokens in {t_prefill:.2f}s ({len(prompt) / max(t_prefill, 1e-9):.1f} tok/s); "
+          f"generated {n} tokens in {t_decode:.2f}s ({n / max(t_decode, 1e-9):.1f} tok/s); "
+          f"state {state.nbytes / 2**20:.1f} MiB", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from famserve.server.main import serve
+
+    return serve(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="famserve", description="TransformerFAM long-context inference server")
+    parser.add_argument("--log-level", default="warning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="stream one completion from a model, no server")
+    add_model_args(gen)
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-file")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (see `famserve serve --help`)",
+                         add_help=False)
+    srv.add_argument("rest", nargs=argparse.REMAINDER)
+    srv.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
