@@ -94,8 +94,9 @@ class FamState:
 
     # --- persistence -------------------------------------------------------------------------------------------
 
-    def to_bytes(self, model_id: str, model: ModelConfig, fam: FamConfig) -> bytes:
-        meta = {
+    def to_bytes(self, model_id: str, model: ModelConfig, fam: FamConfig, extra: dict[str, str] | None = None) -> bytes:
+        """Serialise; `extra` adds string metadata (e.g. a session record) readable with read_metadata."""
+        meta = {**(extra or {}),
             "format_version": str(FORMAT_VERSION),
             "model_id": model_id,
             "model_fingerprint": model.fingerprint(),

@@ -162,10 +162,11 @@ class GGUFFile:
         return list(dict.fromkeys(ids))
 
     def _rope_scaling_dict(self, cfg: dict[str, Any]) -> dict[str, Any] | None:
-        kind = self.metadata.get(f"{self.architecture}.rope.scaling.type")
+        # "linear" is supported; ModelConfig refuses "yarn" and "longrope" with a clear message.
+        prefix = f"{self.architecture}.rope.scaling"
+        kind = self.metadata.get(f"{prefix}.type")
         if kind in ("linear", "yarn", "longrope"):
-            return {"rope_type": kind, "factor": float(self.metadata.get(f"{self.architecture}.rope.scaling.factor",
-                                                                         1.0))}
+            return {"rope_type": kind, "factor": float(self.metadata.get(f"{prefix}.factor", 1.0))}
         if _ROPE_FREQS in self.tensors:
             head_dim = cfg["head_dim"] or cfg["hidden_size"] // cfg["num_attention_heads"]
             factors = self.dequantize(self.tensors[_ROPE_FREQS])
