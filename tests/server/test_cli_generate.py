@@ -1,0 +1,42 @@
+"""`famserve generate` as a user runs it: a real subprocess, text on stdout, speed and state size on stderr."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def famserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "famserve.server.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_generate_on_the_tiny_model(tiny_llama_dir):
+    out = famserve("generate", "--model", str(tiny_llama_dir), "--prompt", "hello there", "--max-tokens", "5",
+                   "--block-size", "8", "--memory-blocks", "1")
+    assert out.returncode == 0, out.stderr
+    assert "mode bswa (L=8 M=1 S=4)" in out.stderr
+    assert "tok/s" in out.stderr and "state" in out.stderr
+
+
+def test_generate_reports_a_missing_model_clearly(tmp_path):
+    out = famserve("generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
+    assert out.returncode == 2
+    assert "nope" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.model
+def test_default_model_answers_the_capital_question():
+    out = famserve("generate", "--model", "smollm2-135m", "--chat", "--prompt", "What is the capital of France?",
+                   "--max-tokens", "30")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    assert "mode bswa (L=1024 M=3 S=4)" in out.stderr
+
+
+@pytest.mark.model
+def test_fam_mode_without_adapter_runs_and_warns():
+    out = famserve("generate", "--model", "smollm2-135m", "--chat", "--prompt", "What is the capital of France?",
+                   "--max-tokens", "10", "--mode", "fam")
+    assert out.returncode == 0, out.stderr
+    assert "without a trained FAM adapter" in out.stderr and "mode fam (L=1024 M=3 F=64 S=4)" in out.stderr
