@@ -147,7 +147,7 @@ class LLMEngine:
             p.state = p.request.state
         elif self._free_states:
             p.state = self._free_states.pop()
-            p.state.copy_(self.model.new_state())
+            self.model.reset_state(p.state)
         else:
             p.state = self.model.new_state()
         if not p.request.prefill_only:

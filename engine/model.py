@@ -169,9 +169,21 @@ class FamModel(nn.Module):
 
     # --- states --------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def new_state(self) -> FamState:
         """A fresh stream: every slot empty except the FAM_0 rows (at positions -F..-1)."""
+        return self._blank_state().clone()
+
+    def reset_state(self, state: FamState) -> None:
+        """Make a used state fresh again, reusing its buffers (no allocation, no page faults)."""
+        state.copy_(self._blank_state())
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of one stream's state: the same for every stream of this model and config, forever."""
+        return self._blank_state().nbytes
+
+    @torch.no_grad()
+    def _blank_state(self) -> FamState:
         if self._blank is None:
             blank = allocate(self.layout, self.device, self.dtype)
             if self.layout.num_fam:
@@ -180,7 +192,7 @@ class FamModel(nn.Module):
                 blank.fam.copy_(self.initial_fam(prompt))
                 self._write_fam_keys(blank)
             self._blank = blank
-        return self._blank.clone()
+        return self._blank
 
     def _write_fam_keys(self, state: FamState) -> None:
         """Project each layer's FAM rows to keys/values at positions b-F..b-1 of the block about to start."""

@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+# Tiny models gain nothing from threads, and on a shared 2-core machine thread spin-waits make them many times
+# slower; tests that measure nothing run single-threaded (server subprocesses get --threads 1 the same way).
+torch.set_num_threads(1)
+
 TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2, as in SmolLM2
 TINY_VOCAB_SIZE = 320  # 256 byte symbols + 3 special tokens + 61 merges
 TINY_CHAT_TEMPLATE = (
