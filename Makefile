@@ -29,9 +29,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test services
 
-# Services the tests start themselves (redis-server on a free loopback port).
+# Services the tests start themselves on free loopback ports: redis-server, nginx (the session router).
 services:
-	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+	@command -v redis-server >/dev/null && command -v nginx >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq redis-server nginx-light >/dev/null)
 
 serve: install
 	$(BIN)/famserve serve --model smollm2-135m --host $(HOST) --port $(PORT)
