@@ -233,23 +233,30 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs; leaving the iterator early (client gone) aborts it."""
+        """Submit a request and yield its outputs; leaving the iterator early (client gone, cancellation) aborts it."""
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         accepted: asyncio.Future[BaseException | None] = loop.create_future()
 
+        def deliver(fn, *args) -> None:
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the caller's event loop is gone: nobody is listening any more
+                self.abort(request.request_id)
+
         def emit(out: RequestOutput) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, out)
+            deliver(outputs.put_nowait, out)
 
         def answer(error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(lambda: accepted.done() or accepted.set_result(error))
+            deliver(lambda: accepted.done() or accepted.set_result(error))
 
-        self._inbox.put(("add", request, emit, answer))
-        error = await accepted  # the engine thread answers between two steps
-        if error is not None:
-            raise error
         finished = False
         try:
+            self._inbox.put(("add", request, emit, answer))
+            error = await accepted  # the engine thread answers between two steps
+            if error is not None:
+                finished = True
+                raise error
             while True:
                 out = await outputs.get()
                 yield out
@@ -280,7 +287,10 @@ class AsyncEngine:
             if msg is None and self._stopping.is_set():
                 break
             if self.engine.has_work():
-                self.engine.step()
+                try:
+                    self.engine.step()
+                except Exception:  # the loop must outlive any one step; step() already failed its requests
+                    log.exception("engine step raised")
             self.engine.refresh_stats()
 
     def _handle(self, msg) -> None:

@@ -68,7 +68,9 @@ class BlockScheduler:
         self.running: list[Sequence] = []
 
     def has_room(self) -> bool:
-        return len(self.waiting) < self.max_waiting
+        """Whether one more request may queue: it will take a free running slot at the next step, or wait."""
+        free_slots = max(self.max_running - len(self.running), 0)
+        return len(self.waiting) < self.max_waiting + free_slots
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

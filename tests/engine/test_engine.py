@@ -94,11 +94,15 @@ def test_full_mode_refuses_more_than_its_context(tiny_llama_dir):
                                               lambda o: None)
 
 
-def test_queue_full(model):
+def test_queue_full_counts_free_slots_as_room(model):
     engine = LLMEngine(model, eos_token_ids=[], max_running=1, max_waiting=1)
-    engine.add(GenerationRequest("a", prompt(3, 1), SamplingParams()), lambda o: None)
+    engine.add(GenerationRequest("a", prompt(3, 1), SamplingParams()), lambda o: None)  # takes the free slot
+    engine.add(GenerationRequest("b", prompt(3, 1), SamplingParams()), lambda o: None)  # waits
     with pytest.raises(QueueFullError):
-        engine.add(GenerationRequest("b", prompt(3, 1), SamplingParams()), lambda o: None)
+        engine.add(GenerationRequest("c", prompt(3, 1), SamplingParams()), lambda o: None)
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["a"]
+    assert [s.request_id for s in engine.scheduler.waiting] == ["b"]
 
 
 def test_async_engine_streams_and_abort_frees_the_slot(model):
@@ -127,5 +131,31 @@ def test_async_engine_streams_and_abort_frees_the_slot(model):
         finally:
             runner.shutdown()
         assert not runner.is_alive
+
+    asyncio.run(scenario())
+
+
+def test_cancel_before_the_engine_accepts_aborts_the_request(model):
+    async def scenario():
+        engine = LLMEngine(model, eos_token_ids=[], max_running=2)
+        runner = AsyncEngine(engine)
+        runner.start()
+        try:
+            async def consume():
+                request = GenerationRequest("r1", [5, 6, 7], SamplingParams(max_tokens=2000, ignore_eos=True))
+                async for _ in runner.generate(request):
+                    pass
+
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            for _ in range(200):
+                if not engine.scheduler.running and not engine._by_id:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.scheduler.running == [] and engine._by_id == {}
+        finally:
+            runner.shutdown()
 
     asyncio.run(scenario())
