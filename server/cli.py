@@ -78,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from famserve.server.main import serve
 
-    return serve(args.rest)
+    return serve(args.serve_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,15 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+    # serve's flags (and --help) are famserve.server.settings': main() hands them over unparsed, in order.
     srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (see `famserve serve --help`)",
                          add_help=False)
-    srv.add_argument("rest", nargs=argparse.REMAINDER)
     srv.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        args.serve_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

@@ -1,0 +1,66 @@
+"""POST /v1/chat/completions: chat completions, plain or streamed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from famserve.server.generation import ChoiceDelta, GenerationService, Job, TokenInfo
+from famserve.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                                      ChatCompletionRequest, ChatCompletionResponse, ChoiceLogprobs, DeltaMessage,
+                                      FamserveInfo, TokenLogprob, TopLogprob)
+from famserve.server.streaming import cancel_on_disconnect, sse_response, start_stream
+
+from . import ERROR_RESPONSES, SSE_RESPONSE, Service
+
+router = APIRouter(tags=["OpenAI"])
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={**ERROR_RESPONSES, 200: {"content": SSE_RESPONSE}})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 service: Service) -> Response:
+    """Answer a conversation with the model's chat template (OpenAI's chat completions API)."""
+    job = await service.chat_job(body)
+    if body.stream:
+        deltas = await start_stream(request, service.stream(job))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(_chunks(job, service, deltas, include_usage))
+    choices = await cancel_on_disconnect(request, service.collect(job))
+    response = ChatCompletionResponse(
+        id=job.id, created=job.created, model=service.model_name, usage=job.final_usage(),
+        choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=_logprobs(job, c),
+                            finish_reason=c.finish_reason) for c in choices],
+        famserve=FamserveInfo(mode=service.mode))
+    return JSONResponse(response.model_dump(mode="json"))
+
+
+async def _chunks(job: Job, service: GenerationService, deltas: AsyncIterator[ChoiceDelta],
+                  include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
+    base = {"id": job.id, "created": job.created, "model": service.model_name}
+    famserve: FamserveInfo | None = FamserveInfo(mode=service.mode)  # on the first chunk only
+    for i in range(job.num_choices):  # each choice opens with the role, as OpenAI's streams do
+        yield ChatCompletionChunk(**base, choices=[ChatChunkChoice(
+            index=i, delta=DeltaMessage(role="assistant", content=""))], famserve=famserve)
+        famserve = None
+    async for delta in deltas:
+        content = delta.text if delta.text or delta.finish_reason is None else None  # the last delta may be {}
+        yield ChatCompletionChunk(**base, choices=[ChatChunkChoice(
+            index=delta.index, delta=DeltaMessage(content=content), logprobs=_logprobs(job, delta),
+            finish_reason=delta.finish_reason)])
+    if include_usage:
+        yield ChatCompletionChunk(**base, choices=[], usage=job.final_usage())
+
+
+def _logprobs(job: Job, delta: ChoiceDelta) -> ChoiceLogprobs | None:
+    if job.params.logprobs is None:
+        return None
+    return ChoiceLogprobs(content=[_token_logprob(t) for t in delta.tokens])
+
+
+def _token_logprob(token: TokenInfo) -> TokenLogprob:
+    return TokenLogprob(token=token.text, logprob=token.logprob, bytes=list(token.text.encode()),
+                        top_logprobs=[TopLogprob(token=text, logprob=lp, bytes=list(text.encode()))
+                                      for text, lp in token.top])

@@ -1,0 +1,117 @@
+"""Server configuration: one pydantic-settings class whose every field is both an environment variable FAMSERVE_<NAME>
+and a command-line flag --<name> generated from the field (a flag wins over the environment), so the two never drift."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "FAMSERVE_"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _split_commas(value: Any) -> Any:
+    """"a, b" -> ["a", "b"]: list settings come from the environment and from flags as comma-separated text."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything `famserve serve` can be told. Field order is the order of `famserve serve --help`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # --- the model and its attention mode
+    model: str = Field("smollm2-135m", description="HF folder, GGUF file, or alias (smollm2-135m)")
+    served_model_name: str | None = Field(
+        None, description="name clients pass as `model` and /v1/models lists (default: the model's own id)")
+    mode: Literal["fam", "bswa", "full"] | None = Field(
+        None, description="attention mode (default: fam with a trained adapter, else bswa)")
+    block_size: int = Field(1024, gt=0, description="L: tokens per block")
+    memory_blocks: int = Field(3, ge=0, description="M: previous blocks visible to a block")
+    fam_length: int = Field(64, ge=0, description="F: feedback-memory rows per layer (fam mode)")
+    sink_tokens: int = Field(4, ge=0, description="S: attention-sink tokens kept visible (fam and bswa modes)")
+    full_context_tokens: int = Field(8192, gt=0, description="context preallocated per request in full mode, in tokens")
+    fam_adapter: Path | None = Field(None, description="trained FAM adapter (safetensors) to merge into the model")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and state dtype")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+
+    # --- HTTP
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="accepted API keys, comma-separated; none = no authentication")
+    api_key_file: Path | None = Field(None, description="file with more API keys, one per line (# comments)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed by CORS, comma-separated (* for any); none = CORS off")
+    log_level: Literal[LOG_LEVELS] = Field("info", description="log level")  # type: ignore[valid-type]
+
+    # --- limits
+    max_body_bytes: int = Field(16 * 2**20, gt=0, description="largest request body, in bytes (larger: 413)")
+    max_prompt_tokens: int = Field(131072, gt=0, description="most prompt tokens in one prompt (more: 400)")
+    max_tokens_cap: int = Field(4096, gt=0, description="largest max_tokens a request may ask for (more: 400); "
+                                                        "also chat's default when a request gives none")
+    max_running: int = Field(32, gt=0, description="requests decoded together in one engine step")
+    max_waiting: int = Field(256, gt=0, description="requests queued for a slot, at most (more: 429)")
+    prefill_budget_tokens: int = Field(512, gt=0, description="most prompt tokens processed in one engine step")
+    request_timeout_s: float | None = Field(None, gt=0, description="abort a generation running longer than "
+                                                                      "this, in seconds (default: no limit)")
+
+    _split = field_validator("api_keys", "cors_origins", mode="before")(_split_commas)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    def all_api_keys(self) -> list[str]:
+        """api_keys plus the keys in api_key_file; raises ValueError naming api_key_file when it cannot be read."""
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_key_file is not None:
+            try:
+                lines = self.api_key_file.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"api_key_file: cannot read {self.api_key_file}: {exc.strerror}") from None
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return keys
+
+
+def _flag_kwargs(annotation: Any) -> dict[str, Any]:
+    """argparse keywords for a field's type: Optional is dropped, Literal becomes choices, lists are comma-separated."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is Literal:
+        choices = typing.get_args(annotation)
+        return {"choices": list(choices), "type": type(choices[0])}
+    if typing.get_origin(annotation) is list:
+        return {"type": str, "metavar": "A,B"}
+    return {"type": annotation if annotation in (int, float) else str}
+
+
+def build_parser(prog: str = "famserve serve") -> argparse.ArgumentParser:
+    """A flag per Settings field; flags not given are absent from the namespace, so the environment fills them."""
+    parser = argparse.ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS,
+                                     description="Run the OpenAI-compatible HTTP server. Every flag is also an "
+                                                 f"environment variable {ENV_PREFIX}<NAME>; a flag wins.")
+    for name, field in Settings.model_fields.items():
+        kwargs = _flag_kwargs(field.annotation)
+        default = "[]" if field.default_factory is not None else field.default
+        env = ENV_PREFIX + name.upper()
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs,
+                            help=f"{field.description} (env {env}; default {default})")
+    return parser
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    """Settings from flags over environment over defaults; argparse exits on a malformed flag, pydantic raises
+    ValidationError naming a bad value."""
+    given = vars(build_parser().parse_args(argv))
+    return Settings(**given)

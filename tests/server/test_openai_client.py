@@ -1,0 +1,206 @@
+"""The official `openai` client against the real server (tiny random model): completions and chat, sync, async and
+streaming, plus the OpenAI features the server promises (n, seed, stop, logprobs, echo, usage)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+MODEL = "tiny-llama"  # the tiny model folder's name, which the server uses as the model id
+MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "What is FAM?"}]
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].owned_by == "famserve"
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_completion(client: openai.OpenAI) -> None:
+    response = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert response.object == "text_completion"
+    assert response.id.startswith("cmpl-")
+    assert response.model == MODEL
+    [choice] = response.choices
+    assert choice.index == 0
+    assert choice.finish_reason == "length"
+    assert response.usage.completion_tokens == 5
+    assert response.usage.prompt_tokens > 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens + 5
+    assert response.model_extra["famserve"]["mode"] == "bswa (L=1024 M=3 S=4)"
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                              extra_body={"ignore_eos": True})
+    assert response.object == "chat.completion"
+    assert response.id.startswith("chatcmpl-")
+    [choice] = response.choices
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason == "length"
+    assert response.usage.completion_tokens == 6
+
+
+def test_greedy_is_deterministic_and_streaming_gives_the_same_text(client: openai.OpenAI) -> None:
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    again = client.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
+                       client.chat.completions.create(**kwargs, stream=True) if chunk.choices)
+    assert plain == again == streamed
+
+
+@pytest.mark.parametrize("prompt", ["héllo wörld, 日本語 — ok", "plain ascii text"])
+def test_streamed_completion_text_equals_the_plain_one(client: openai.OpenAI, prompt: str) -> None:
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_streaming_chat_chunks(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:-1])
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 8
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_seed_reproduces_sampling_and_n_gives_distinct_choices(client: openai.OpenAI) -> None:
+    kwargs = dict(model=MODEL, prompt="Hello", max_tokens=12, temperature=1.0, seed=1234, n=3,
+                  extra_body={"ignore_eos": True})
+    first = client.completions.create(**kwargs)
+    second = client.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert len({c.text for c in first.choices}) == 3  # choice i samples with seed + i
+    assert first.usage.completion_tokens == 36
+
+
+def test_several_prompts_each_get_n_choices(client: openai.OpenAI) -> None:
+    response = client.completions.create(model=MODEL, prompt=["Hello", "World"], max_tokens=2, n=2,
+                                         extra_body={"ignore_eos": True})
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert response.usage.completion_tokens == 8
+
+
+def test_stop_string_is_found_and_not_included(client: openai.OpenAI) -> None:
+    kwargs = dict(model=MODEL, prompt="Hello there", max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs).choices[0].text
+    stop = full[5:8]  # cut inside the text; may span token boundaries
+    assert len(stop) == 3
+    expected = full[:full.index(stop)]
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.completions.create(**kwargs, stop=[stop], stream=True))
+            text = "".join(c.choices[0].text for c in chunks)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            choice = client.completions.create(**kwargs, stop=stop).choices[0]
+            text, finish = choice.text, choice.finish_reason
+        assert (text, finish) == (expected, "stop")
+
+
+def test_legacy_completion_logprobs(client: openai.OpenAI) -> None:
+    choice = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, logprobs=3, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0]
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
+    assert logprobs.text_offset[0] == 0
+    assert "".join(logprobs.tokens) == choice.text
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert logprob <= 0
+        assert 1 <= len(top) <= 3
+        assert top[token] == pytest.approx(logprob, abs=1e-6)  # greedy: the chosen token is the most likely
+
+
+def test_chat_logprobs(client: openai.OpenAI) -> None:
+    choice = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, logprobs=True,
+                                            top_logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+    content = choice.logprobs.content
+    assert len(content) == 3
+    for entry in content:
+        assert entry.logprob <= 0
+        assert entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 2
+
+
+def test_echo_prepends_the_prompt(client: openai.OpenAI) -> None:
+    choice = client.completions.create(model=MODEL, prompt="Echo me", max_tokens=3, echo=True,
+                                       extra_body={"ignore_eos": True}).choices[0]
+    assert choice.text.startswith("Echo me")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Echo me", max_tokens=3, echo=True, stream=True, extra_body={"ignore_eos": True}))
+    assert streamed.startswith("Echo me")
+
+
+def test_chat_content_parts_render_like_a_string(client: openai.OpenAI) -> None:
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "FAM?"}]
+    kwargs = dict(model=MODEL, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    as_parts = client.chat.completions.create(messages=[{"role": "user", "content": parts}], **kwargs)
+    as_string = client.chat.completions.create(messages=[{"role": "user", "content": "What is FAM?"}], **kwargs)
+    assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == as_string.usage.prompt_tokens
+
+
+def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=3,
+                                              extra_body={"ignore_eos": True})
+    assert response.usage.completion_tokens == 3
+
+
+def test_chat_defaults_to_the_servers_max_tokens_cap(client: openai.OpenAI, limits: dict[str, int]) -> None:
+    response = client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"ignore_eos": True})
+    assert response.usage.completion_tokens == limits["max_tokens_cap"]
+
+
+def test_stop_token_ids_end_generation(client: openai.OpenAI, http) -> None:
+    kwargs = dict(model=MODEL, prompt="Hello", max_tokens=30, temperature=0, logprobs=1)
+    full = client.completions.create(**kwargs, extra_body={"ignore_eos": True}).choices[0].logprobs.tokens
+    # A generated token whose text tokenizes back to that one token gives its id.
+    position, stop_id = next((i, ids[0]) for i, text in enumerate(full) if i >= 2 and text.isascii()
+                             for ids in [http.post("/tokenize", json={"prompt": text, "add_special_tokens": False})
+                                         .json()["tokens"]] if len(ids) == 1)
+    stopped = client.completions.create(**kwargs, extra_body={"ignore_eos": True, "stop_token_ids": [stop_id]})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].logprobs.tokens == full[:len(stopped.choices[0].logprobs.tokens)]
+    assert len(stopped.choices[0].logprobs.tokens) <= position  # the stop token itself is not in the output
+
+
+def test_async_client_concurrent_requests(base_url: str) -> None:
+    asyncio.run(_concurrent_requests(openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
+                                                        timeout=60)))
+
+
+async def _concurrent_requests(async_client: openai.AsyncOpenAI) -> None:
+    async def one(i: int) -> str:
+        response = await async_client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Question {i}"}], max_tokens=5, temperature=0,
+            extra_body={"ignore_eos": True})
+        return response.choices[0].message.content
+
+    async def streamed(i: int) -> str:
+        stream = await async_client.completions.create(model=MODEL, prompt=f"Prompt {i}", max_tokens=5,
+                                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+        return "".join([c.choices[0].text async for c in stream])
+
+    results = await asyncio.gather(*(one(i) for i in range(4)), *(streamed(i) for i in range(4)))
+    assert len(results) == 8
+    alone = await one(2)
+    assert results[2] == alone  # batching with others does not change a greedy answer
+    await async_client.close()

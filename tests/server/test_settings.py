@@ -1,0 +1,59 @@
+"""Settings: every field is a flag and an environment variable, a flag wins, lists are comma-separated, keys come
+from a file too and never show in a repr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from famserve.server.settings import Settings, build_parser, parse_settings
+
+
+def test_defaults() -> None:
+    settings = parse_settings([])
+    assert (settings.model, settings.host, settings.port, settings.mode) == ("smollm2-135m", "127.0.0.1", 8000, None)
+    assert settings.api_keys == [] and settings.cors_origins == []
+
+
+def test_flag_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAMSERVE_PORT", "9001")
+    monkeypatch.setenv("FAMSERVE_BLOCK_SIZE", "256")
+    settings = parse_settings(["--port", "9002"])
+    assert (settings.port, settings.block_size) == (9002, 256)
+
+
+def test_lists_are_comma_separated_in_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAMSERVE_API_KEYS", "a, b,,c")
+    settings = parse_settings(["--cors-origins", "http://a.example,http://b.example"])
+    assert settings.all_api_keys() == ["a", "b", "c"]
+    assert settings.cors_origins == ["http://a.example", "http://b.example"]
+    assert "a" not in repr(settings.api_keys)
+
+
+def test_api_key_file(tmp_path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("# comment\n  k1  \n\nk2\n")
+    assert Settings(api_keys="k0", api_key_file=path).all_api_keys() == ["k0", "k1", "k2"]
+
+
+@pytest.mark.parametrize(("field", "value"), [("port", 70000), ("block_size", 0), ("max_waiting", 0),
+                                              ("request_timeout_s", -1), ("dtype", "int8"), ("log_level", "loud")])
+def test_bad_values_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(**{field: value})
+    assert info.value.errors()[0]["loc"] == (field,)
+
+
+def test_every_field_has_a_flag_and_a_description() -> None:
+    flags = {action.dest for action in build_parser()._actions}
+    for name, field in Settings.model_fields.items():
+        assert name in flags
+        assert field.description
+
+
+def test_docs_list_every_flag() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "server.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`--{name.replace('_', '-')}`" in docs, name
