@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,12 +29,15 @@ from .errors import AUTHENTICATION, INVALID_REQUEST, PayloadTooLargeError, error
     register_exception_handlers
 from .generation import GenerationService
 from .metrics import Metrics, MetricsMiddleware
-from .routes import chat, completions, health, models, tokenize
+from .routes import chat, completions, health, models, responses, sessions, tokenize
+from .sessions import SessionLimits, SessionManager
+from .store import open_store
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 OPEN_PATHS = frozenset({"/health", "/ready"})  # answered without an API key (orchestrator probes)
+UPLOAD_PATHS = re.compile(r"/v1/sessions/(import|[^/]+/append)")
 
 try:
     __version__ = version("famserve")
@@ -54,12 +58,14 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None,
     app.state.started_at = int(time.time())
     app.state.metrics = Metrics(lambda: app.state.service.engine.engine.stats if app.state.service else None)
     register_exception_handlers(app)
-    routers = [module.router for module in (completions, chat, models, tokenize, health)]
+    app.state.sessions = None  # a SessionManager once the model is loaded
+    routers = [module.router for module in (completions, chat, models, tokenize, health, sessions, responses)]
     for router in routers:
         app.include_router(router)
     paths = {getattr(route, "path", None) for router in [app.router, *routers] for route in router.routes} - {None}
     # Starlette wraps in reverse: the last added runs first (CORS, metrics, API key, body limit, routes).
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       max_upload_bytes=settings.max_upload_bytes)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, api_keys=api_keys)
         _document_bearer_auth(app)
@@ -88,6 +94,8 @@ def _lifespan(settings: Settings, loaded_model: LoadedModel | None,
             yield
         finally:
             starting.cancel()
+            if app.state.sessions is not None:
+                await app.state.sessions.flush()  # restarts then replay nothing
             if app.state.service is not None:
                 await asyncio.to_thread(app.state.service.engine.shutdown)
 
@@ -105,6 +113,11 @@ async def _start_engine(app: FastAPI, settings: Settings, loaded: LoadedModel | 
                                        max_waiting=settings.max_waiting,
                                        prefill_budget_tokens=settings.prefill_budget_tokens))
         engine.start()
+        store = open_store(settings.session_store or str(settings.state_dir))
+        app.state.sessions = SessionManager(store, engine, loaded.model, loaded.tokenizer,
+                                            settings.served_model_name or loaded.model_id,
+                                            SessionLimits(settings.session_memory_bytes,
+                                                          settings.snapshot_every_tokens))
         app.state.service = GenerationService(engine, loaded, eos, settings, app.state.metrics)
         log.info("ready: serving %s as %r, attention mode %s", loaded.model_id, app.state.service.model_name,
                  app.state.service.mode)
@@ -142,20 +155,23 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 class BodyLimitMiddleware:
-    """413 for a body over max_body_bytes: at once when Content-Length says so, else as soon as the streamed body
-    passes the limit (the route's body parsing then fails with PayloadTooLargeError, answered by errors.py)."""
+    """413 for a body over the limit: at once when Content-Length says so, else as soon as the streamed body
+    passes it (the route's body parsing then fails with PayloadTooLargeError, answered by errors.py). Session
+    uploads (append, import) are streamed into the engine, not held, so they get the larger max_upload_bytes."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_upload_bytes if UPLOAD_PATHS.fullmatch(scope["path"]) else self.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._reject(scope, receive, send)
+        if declared.isdigit() and int(declared) > limit:
+            await self._reject(scope, receive, send, limit)
             return
         received = 0
 
@@ -164,14 +180,15 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise PayloadTooLargeError(self.max_body_bytes)
+                if received > limit:
+                    raise PayloadTooLargeError(limit)
             return message
 
         await self.app(scope, counting_receive, send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = PayloadTooLargeError(self.max_body_bytes)
+    @staticmethod
+    async def _reject(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        error = PayloadTooLargeError(limit)
         response = error_json(413, error.detail, INVALID_REQUEST, code="request_too_large",
                               headers={"Connection": "close"})
         await response(scope, receive, send)

@@ -12,7 +12,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from famserve.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from famserve.engine.errors import (ContextLengthError, InvalidRequestError, QueueFullError, StateFormatError,
+                                    StateMismatchError)
+
+from .sessions import SessionBusyError, SessionNotFoundError
+from .store import SessionCorruptError
 
 
 # The error types we answer with (OpenAI's vocabulary): one per kind of failure, stable for clients to branch on.
@@ -102,6 +106,14 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(str(exc), code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
         return APIError.from_message(str(exc))
+    if isinstance(exc, SessionNotFoundError):
+        return APIError(str(exc), code="session_not_found", status_code=404)
+    if isinstance(exc, SessionBusyError):
+        return APIError(str(exc), code="session_busy", status_code=409)
+    if isinstance(exc, (StateMismatchError, StateFormatError)):
+        return APIError(str(exc), code="invalid_state", param="body")
+    if isinstance(exc, SessionCorruptError):  # refused, never loaded; the message names what failed its check
+        return APIError(str(exc), code="session_corrupt", status_code=500, error_type=SERVER_ERROR)
     if isinstance(exc, PayloadTooLargeError):
         return APIError(exc.detail, code="request_too_large", status_code=413)
     if isinstance(exc, StarletteHTTPException):
@@ -168,5 +180,6 @@ def register_exception_handlers(app: FastAPI) -> None:
         return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers or None)
 
     for exc_class in (APIError, RequestValidationError, StarletteHTTPException, QueueFullError, ContextLengthError,
-                      InvalidRequestError, Exception):
+                      InvalidRequestError, SessionNotFoundError, SessionBusyError, StateMismatchError,
+                      StateFormatError, SessionCorruptError, Exception):
         app.add_exception_handler(exc_class, handle)

@@ -65,6 +65,17 @@ class Settings(BaseSettings):
     request_timeout_s: float | None = Field(None, gt=0, description="abort a generation running longer than "
                                                                       "this, in seconds (default: no limit)")
 
+
+    # --- sessions
+    state_dir: Path = Field(Path("famserve-state"), description="folder of the file session store (snapshots, logs)")
+    session_store: str | None = Field(None, description="redis://host:port/db to share sessions between replicas "
+                                                        "(default: the file store in state_dir)")
+    session_memory_bytes: int = Field(2 * 2**30, gt=0, description="session states kept in memory at most, in "
+                                                                   "bytes; least recently used ones are evicted")
+    snapshot_every_tokens: int = Field(16384, gt=0, description="snapshot a session once this many of its tokens "
+                                                                "are only in its log (bounds replay at load)")
+    max_upload_bytes: int = Field(4 * 2**30, gt=0, description="largest session append or import body, in bytes")
+
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_commas)
 
     @field_validator("log_level", mode="before")

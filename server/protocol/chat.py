@@ -110,6 +110,9 @@ class ChatCompletionRequest(OpenAIBaseModel):
     repetition_penalty: RepetitionPenalty = None
     stop_token_ids: StopTokenIds = None
     ignore_eos: IgnoreEos = None
+    # --- extension (famserve)
+    session_id: str | None = Field(None, description="famserve: continue this session (its history stays on the "
+                                                     "server; send only the new messages; the reply is committed)")
 
     @field_validator("functions", "tools")
     @classmethod

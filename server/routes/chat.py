@@ -11,9 +11,11 @@ from famserve.server.generation import ChoiceDelta, GenerationService, Job, Toke
 from famserve.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                       ChatCompletionRequest, ChatCompletionResponse, ChoiceLogprobs, DeltaMessage,
                                       FamserveInfo, TokenLogprob, TopLogprob)
+from famserve.server.protocol.sessions import SessionChatRequest
 from famserve.server.streaming import cancel_on_disconnect, sse_response, start_stream
 
 from . import ERROR_RESPONSES, SSE_RESPONSE, Service
+from .sessions import get_turns
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -23,6 +25,9 @@ router = APIRouter(tags=["OpenAI"])
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  service: Service) -> Response:
     """Answer a conversation with the model's chat template (OpenAI's chat completions API)."""
+    if body.session_id is not None:  # famserve extension: the turn goes into a session
+        turn = SessionChatRequest.model_validate(body.model_dump(exclude={"session_id"}, exclude_none=True))
+        return await get_turns(request, service).chat(body.session_id, turn, request)
     job = await service.chat_job(body)
     if body.stream:
         deltas = await start_stream(request, service.stream(job))

@@ -33,7 +33,9 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Sessions go to a folder of this server's own unless a test says otherwise (never the working directory).
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "FAMSERVE_STATE_DIR": str(log_path.parent / "state"),
+                    **(env or {})}
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "famserve.server.main", "--host", "127.0.0.1", "--port", str(self.port), *args],
