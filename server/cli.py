@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from famserve.engine.training.cli import add_eval_parser, add_train_parser
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="HF folder, GGUF file, or alias (smollm2-135m)")
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (see `famserve serve --help`)",
                          add_help=False)
     srv.set_defaults(func=cmd_serve)
+    add_train_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -1,0 +1,222 @@
+"""The `famserve train` and `famserve eval passkey|perplexity` subcommands: argument parsers and the thin
+functions that turn arguments into a TrainConfig or an evaluation, print a table and write JSON. server/cli.py
+registers them with add_train_parser(sub) and add_eval_parser(sub)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+LORA_TARGETS_HELP = "comma-separated subset of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (default: all)"
+
+log = logging.getLogger(__name__)
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _add_attention_args(p: argparse.ArgumentParser, fam_length: int = 64, block_size: int = 1024,
+                        memory_blocks: int = 3) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="HF folder, GGUF file, or alias (smollm2-135m)")
+    p.add_argument("--block-size", type=int, default=block_size, help="L: tokens per block")
+    p.add_argument("--memory-blocks", type=int, default=memory_blocks, help="M: previous blocks visible")
+    p.add_argument("--fam-length", type=int, default=fam_length, help="F: feedback-memory rows per layer")
+    p.add_argument("--sink-tokens", type=int, default=4, help="S: attention-sink tokens kept visible")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+# --- famserve train ----------------------------------------------------------------------------------------------
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="fine-tune a model for FAM: FAM prompt + LoRA -> adapter file")
+    _add_attention_args(p)
+    p.add_argument("--data", nargs="*", default=[], metavar="FILE", help="text files (UTF-8)")
+    p.add_argument("--passkey", action="store_true", help="train on PassKey prompts (filler from --data if given)")
+    p.add_argument("--passkey-fraction", type=float, default=0.5, help="share of PassKey batches when both")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", type=_csv, default=None, help=LORA_TARGETS_HELP)
+    p.add_argument("--rsp-prob", type=float, default=0.8, help="Random State Passing probability")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a <out stem>.train.pt")
+    p.add_argument("--no-grad-checkpoint", action="store_true", help="keep all activations (faster, more memory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="fam-adapter.safetensors", help="the adapter file to write")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from famserve.engine.errors import FamserveError
+    from famserve.engine.training.lora import ALL_TARGETS
+    from famserve.engine.training.trainer import TrainConfig, train
+
+    _set_threads(args.threads)
+    try:
+        cfg = TrainConfig(model=args.model, out=args.out, data=tuple(args.data), passkey=args.passkey,
+                          passkey_fraction=args.passkey_fraction, steps=args.steps, seq_len=args.seq_len,
+                          batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                          lora_targets=tuple(args.lora_targets or ALL_TARGETS),
+                          fam_length=args.fam_length, block_size=args.block_size, memory_blocks=args.memory_blocks,
+                          sink_tokens=args.sink_tokens, rsp_prob=args.rsp_prob,
+                          checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
+                          device=args.device, grad_checkpoint=not args.no_grad_checkpoint)
+        result = train(cfg, progress=sys.stderr.isatty())
+    except (FamserveError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[famserve] {result.steps} steps, last loss {result.last_loss:.4f}, {result.seconds_per_step:.2f} s/step; "
+          f"adapter {result.adapter_path}, checkpoint {result.checkpoint_path}", file=sys.stderr)
+    return 0
+
+
+# --- famserve eval -----------------------------------------------------------------------------------------------
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    ev = subparsers.add_parser("eval", help="evaluate a model: passkey retrieval or perplexity")
+    sub = ev.add_subparsers(dest="eval_command", required=True)
+
+    pk = sub.add_parser("passkey", help="PassKey retrieval accuracy at several prompt lengths (paper D.1)")
+    _add_eval_model_args(pk)
+    pk.add_argument("--lengths", type=_csv_ints, default=[1024, 2048, 4096], help="prompt lengths in tokens")
+    pk.add_argument("--trials", type=int, default=10, help="prompts per length")
+    pk.add_argument("--depth", type=float, default=0.0, help="where the key sits in the filler, 0..1 (paper: 0)")
+    pk.add_argument("--filler-file", default=None, help="text file for filler (default: grass/sky sentences)")
+    pk.add_argument("--batch-size", type=int, default=4, help="prompts prefilled together")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--out", default="eval-passkey.json", help="JSON results file")
+    pk.set_defaults(func=cmd_eval_passkey)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of long text files, streamed through the engine")
+    _add_eval_model_args(ppl)
+    ppl.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, read in order")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    ppl.add_argument("--out", default="eval-perplexity.json", help="JSON results file")
+    ppl.set_defaults(func=cmd_eval_perplexity)
+    return ev
+
+
+def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
+    _add_attention_args(p)
+    p.add_argument("--mode", type=_csv, default=[None],
+                   help="comma-separated modes to compare: fam,bswa,full (default: fam with an adapter, else bswa)")
+    p.add_argument("--fam-adapter", default=None, help="trained FAM adapter (safetensors)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--full-context-tokens", type=int, default=8192, help="full mode: preallocated context")
+
+
+def _load(args: argparse.Namespace, mode: str):
+    from famserve.engine.build import load_model
+    from famserve.engine.config import EngineConfig, FamConfig
+
+    fam = FamConfig(block_size=args.block_size, memory_blocks=args.memory_blocks, fam_length=args.fam_length,
+                    sink_tokens=args.sink_tokens, full_context_tokens=args.full_context_tokens)
+    return load_model(args.model, fam, mode, EngineConfig(device=args.device, dtype=args.dtype), args.fam_adapter)
+
+
+def cmd_eval_passkey(args: argparse.Namespace) -> int:
+    from famserve.engine.errors import FamserveError
+    from famserve.engine.training.evaluate import passkey
+
+    _set_threads(args.threads)
+    rows, payload = [], {"task": "passkey", "model": args.model, "adapter": args.fam_adapter, "results": []}
+    try:
+        for mode in args.mode:
+            loaded = _load(args, mode)
+            filler = loaded.tokenizer.encode(Path(args.filler_file).read_text()) if args.filler_file else None
+            for r in passkey(loaded.model, loaded.tokenizer, args.lengths, args.trials, args.seed, args.depth,
+                             filler, args.batch_size, args.chunk_tokens):
+                rows.append([r.mode, str(r.num_tokens), f"{r.correct}/{r.trials}", f"{r.accuracy:.0%}"])
+                payload["results"].append({"mode": r.mode, "num_tokens": r.num_tokens, "trials": r.trials,
+                                           "correct": r.correct, "accuracy": r.accuracy, "outputs": r.outputs})
+    except (FamserveError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_table(f"PassKey retrieval, {args.model}", ["mode", "tokens", "correct", "accuracy"], rows)
+    _write_json(args.out, payload)
+    return 0
+
+
+def cmd_eval_perplexity(args: argparse.Namespace) -> int:
+    from famserve.engine.errors import FamserveError
+    from famserve.engine.training.data import iter_text_tokens
+    from famserve.engine.training.evaluate import perplexity
+
+    _set_threads(args.threads)
+    rows, payload = [], {"task": "perplexity", "model": args.model, "adapter": args.fam_adapter,
+                         "text": args.text, "results": []}
+    try:
+        for mode in args.mode:
+            loaded = _load(args, mode)
+            r = perplexity(loaded.model, iter_text_tokens(args.text, loaded.tokenizer), args.chunk_tokens,
+                           args.max_tokens)
+            rows.append([r.mode, str(r.num_tokens), f"{r.perplexity:.2f}", f"{r.num_tokens / r.seconds:.0f}"])
+            payload["results"].append({"mode": r.mode, "num_tokens": r.num_tokens, "nll": r.nll,
+                                       "perplexity": r.perplexity, "seconds": r.seconds})
+    except (FamserveError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_table(f"Perplexity, {args.model}", ["mode", "tokens", "perplexity", "tok/s"], rows)
+    _write_json(args.out, payload)
+    return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _write_json(path: str, payload: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"[famserve] wrote {out}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m famserve.engine.training.cli train|eval ...` (the same commands as `famserve train|eval`)."""
+    parser = argparse.ArgumentParser(prog="famserve")
+    parser.add_argument("--log-level", default="warning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Training batches for `famserve train`: random windows of tokenized text files (next-token loss everywhere) and
+text PassKey examples (loss on the key only), mixed at a fixed ratio. Everything draws from one random.Random whose
+state goes into training checkpoints, so a resumed run sees the batches it would have seen."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from famserve.engine.tokenizer import Tokenizer
+from famserve.engine.training.passkey import TextPassKey
+
+READ_CHARS = 1 << 20  # text is tokenized in pieces of about this many characters, cut at line ends
+
+
+def iter_text_tokens(paths: Sequence[str | Path], tokenizer: Tokenizer) -> Iterator[list[int]]:
+    """Token ids of text files, piece by piece (an unbounded file never sits in memory whole). Pieces are cut
+    at line ends, so only the tokenization across a cut may differ from tokenizing the whole file; files are
+    separated by the model's first end-of-sequence token when it has one."""
+    for i, path in enumerate(paths):
+        if i and tokenizer.eos_token_ids:
+            yield [tokenizer.eos_token_ids[0]]
+        with open(path, encoding="utf-8", errors="replace") as f:
+            while True:
+                piece = f.read(READ_CHARS)
+                if not piece:
+                    break
+                piece += f.readline()  # finish the line so the cut falls at a line end
+                yield tokenizer.encode(piece)
+
+
+class TextWindows:
+    """Random windows of seq_len + 1 tokens from a token corpus: inputs are the first seq_len, labels the next
+    token of each position."""
+
+    def __init__(self, token_ids: Sequence[int], seq_len: int):
+        if len(token_ids) < seq_len + 1:
+            raise ValueError(f"--data: the text files hold {len(token_ids)} tokens, fewer than seq_len + 1 = "
+                             f"{seq_len + 1}")
+        self.ids = torch.tensor(token_ids, dtype=torch.int64)
+        self.seq_len = seq_len
+
+    def sample(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        start = rng.randrange(self.ids.numel() - self.seq_len)
+        window = self.ids[start:start + self.seq_len + 1]
+        return window[:-1], window[1:]
+
+
+class PassKeyExamples:
+    """Text PassKey training examples of exactly seq_len tokens, the key at a random depth in the filler
+    (depth 0, the paper's layout, half of the time)."""
+
+    def __init__(self, passkey: TextPassKey, seq_len: int):
+        passkey.make(seq_len, random.Random(0))  # fails early (ValueError) when seq_len is too short
+        self.passkey, self.seq_len = passkey, seq_len
+
+    def sample(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        depth = 0.0 if rng.random() < 0.5 else rng.random()
+        tokens, labels = self.passkey.training_example(self.seq_len, rng, depth)
+        return torch.tensor(tokens), torch.tensor(labels)
+
+
+class BatchSource:
+    """Batches (tokens (B, T), labels (B, T)) from text windows and/or PassKey examples; with both, each batch is
+    PassKey with probability passkey_fraction."""
+
+    def __init__(self, batch_size: int, text: TextWindows | None, passkey: PassKeyExamples | None,
+                 passkey_fraction: float, seed: int):
+        if text is None and passkey is None:
+            raise ValueError("training data: give text files (--data) and/or --passkey")
+        self.batch_size, self.text, self.passkey = batch_size, text, passkey
+        self.passkey_fraction = 1.0 if text is None else (0.0 if passkey is None else passkey_fraction)
+        self.rng = random.Random(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        source = self.passkey if self.rng.random() < self.passkey_fraction else self.text
+        pairs = [source.sample(self.rng) for _ in range(self.batch_size)]
+        tokens = torch.stack([p[0] for p in pairs])
+        labels = torch.stack([p[1] for p in pairs])
+        return tokens, labels
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+

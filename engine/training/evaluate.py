@@ -1,0 +1,119 @@
+"""`famserve eval`: PassKey retrieval (paper D.1 prompts, greedy answer) and perplexity of long text, both through
+the streaming engine (ModelRunner), so they measure exactly what the server computes, for any model, mode and
+adapter, in memory that does not grow with the text."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as fn
+
+from famserve.engine.model import FamModel
+from famserve.engine.runner import ModelRunner
+from famserve.engine.tokenizer import Tokenizer
+from famserve.engine.training.passkey import TextPassKey
+
+
+@dataclass
+class PerplexityResult:
+    mode: str  # FamConfig.describe() of the model evaluated
+    num_tokens: int  # tokens predicted (all but the first)
+    nll: float  # mean negative log-likelihood, nats per token
+    seconds: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+def _rechunk(pieces: Iterable[Sequence[int]], chunk_tokens: int, max_tokens: int | None) -> Iterator[list[int]]:
+    """Re-cut a stream of token pieces into chunks of chunk_tokens (the last may be shorter), stopping at
+    max_tokens."""
+    buffer: list[int] = []
+    seen = 0
+    for piece in pieces:
+        for token in piece:
+            if max_tokens is not None and seen >= max_tokens:
+                break
+            buffer.append(token)
+            seen += 1
+            if len(buffer) == chunk_tokens:
+                yield buffer
+                buffer = []
+    if buffer:
+        yield buffer
+
+
+@torch.no_grad()
+def perplexity(model: FamModel, pieces: Iterable[Sequence[int]], chunk_tokens: int = 512,
+               max_tokens: int | None = None) -> PerplexityResult:
+    """Perplexity of one token stream (given as pieces of any size) read by one engine stream, chunk by chunk:
+    only one chunk's logits exist at a time, and the state has its constant size, whatever the length."""
+    runner, state = ModelRunner(model, max_step_tokens=chunk_tokens), model.new_state()
+    started, total, count, previous = time.perf_counter(), 0.0, 0, None  # previous: last logits row (1, V)
+    for chunk in _rechunk(pieces, chunk_tokens, max_tokens):
+        ids = torch.tensor(chunk, dtype=torch.int64)
+        logits = runner.prefill(state, [ids], all_logits=True)  # (t, V)
+        predicted = logits[:-1] if previous is None else torch.cat([previous, logits[:-1]])
+        targets = ids[1:] if previous is None else ids
+        total += float(fn.cross_entropy(predicted.double(), targets.to(logits.device), reduction="sum"))
+        count += targets.numel()
+        previous = logits[-1:]
+    if count == 0:
+        raise ValueError("text: fewer than 2 tokens to evaluate")
+    return PerplexityResult(model.fam_config.describe(), count, total / count, time.perf_counter() - started)
+
+
+@dataclass
+class PassKeyResult:
+    mode: str
+    num_tokens: int  # prompt length
+    trials: int
+    correct: int
+    outputs: list[dict] = field(default_factory=list)  # per trial: key and generated text
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.trials if self.trials else 0.0
+
+
+def first_number(text: str) -> str | None:
+    found = re.search(r"\d+", text)
+    return found.group(0) if found else None
+
+
+@torch.no_grad()
+def passkey(model: FamModel, tokenizer: Tokenizer, lengths: Sequence[int], trials: int = 10, seed: int = 0,
+            depth: float = 0.0, filler_ids: Sequence[int] | None = None, batch_size: int = 4,
+            chunk_tokens: int = 512) -> list[PassKeyResult]:
+    """PassKey retrieval at each prompt length: `trials` prompts (fresh keys), greedy continuation; a trial is
+    right when the first number generated equals the key. Streams of one batch are prefilled together."""
+    task = TextPassKey(tokenizer, filler_ids)
+    runner = ModelRunner(model, max_step_tokens=chunk_tokens)
+    results = []
+    for length in lengths:
+        rng = random.Random(f"{seed}-{length}")
+        result = PassKeyResult(model.fam_config.describe(), length, trials, 0)
+        for first in range(0, trials, batch_size):
+            prompts = [task.make(length, rng, depth) for _ in range(min(batch_size, trials - first))]
+            states = [model.new_state() for _ in prompts]
+            logits = torch.cat(runner.run(states, [p.prompt_ids for p in prompts]))  # (b, V)
+            generated: list[list[int]] = [[] for _ in prompts]
+            for _ in range(max(len(p.answer_ids) for p in prompts) + 1):
+                tokens = logits.argmax(-1).tolist()
+                for out, token in zip(generated, tokens):
+                    out.append(token)
+                logits = runner.decode(states, tokens)
+            for prompt, out in zip(prompts, generated):
+                text = tokenizer.decode(out, skip_special_tokens=True)
+                ok = first_number(text) == prompt.key
+                result.correct += ok
+                result.outputs.append({"key": prompt.key, "generated": text, "correct": ok})
+        results.append(result)
+    return results

@@ -1,0 +1,239 @@
+"""The differentiable, all-at-once form of FamModel, for training: hidden rows (and logits) of whole token sequences
+(B, T), with gradients to the weights, to the FAM prompt P, and through memory segments and FAM across blocks (no
+stop-gradient; FAM-SPEC.md "Training").
+
+The streaming engine (model.py) writes keys/values in place into preallocated state under no_grad; this module
+computes the same function (docs/engine.md; tests check it against the engine at 1e-9 in float64) with the same
+modules and weights. Per layer:
+
+* the FAM recurrence, looping over the blocks (F rows each): FAM_prev of block i, as queries at b-F..b-1, attends
+  to [FAM_prev ; the whole block i] and becomes FAM_prev of block i+1 (zero attention residual in the very first
+  update; a partial last block updates nothing). It needs only the layer's token keys/values, so it runs first;
+* then the token rows of all blocks at once: the queries of block i attend to [S sinks re-rotated to w-S..w-1
+  (only when w = b - M*L > 0) | the F FAM_prev rows of block i at b-F..b-1 | the (M+1)*L tokens of its window
+  (memory blocks and its own block, causal)] under one block-structured mask (nb, L, S+F+(M+1)*L). Work and memory
+  are linear in T.
+
+What a training step starts from: a sequence always starts at position 0 with empty memory and its own first S
+tokens as sinks (memory segments and sinks do not carry across steps). Only the FAM may carry over (Random State
+Passing): `start_fam` is any per-layer FAM, and `fresh` says which rows start from FAM_0 (their first update uses
+the zero residual) and which continue a previous sequence's FAM. A carried FAM is detached by the caller: the
+graph of one step never reaches into the previous one. This equals the engine on a new stream whose `fam` was
+replaced by the carried FAM (with num_fam_updates > 0 for the continuing rows).
+
+Dimensions as in model.py: B sequences, T tokens, nb blocks, C hidden, H / Hkv heads, D head dim, N layers,
+L block size, M memory blocks, F FAM rows, S sinks, W = (M+1)*L window keys, V vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as fn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from famserve.engine.config import FamConfig
+from famserve.engine.model import DecoderLayer, FamModel
+from famserve.engine.rope import rotate
+
+
+@dataclass
+class SequenceOutput:
+    hidden: torch.Tensor  # (B, T, C) the last layer's token rows, before the final norm (model.logits applies it)
+    fam: torch.Tensor | None  # (N, B, F, C) FAM after the last complete block (the start FAM if none); None if F=0
+    num_fam_updates: int  # complete blocks, i.e. FAM updates done per row
+
+
+def default_fam_prompt(model: FamModel, fam_length: int) -> torch.Tensor:
+    """(F, C) the engine's default FAM prompt (FamModel.default_fam_prompt) for any F: the mean token embedding."""
+    return model.model.embed_tokens.weight.mean(dim=0).expand(fam_length, -1).clone()
+
+
+class _Plan:
+    """Everything about a forward pass that does not depend on the layer: positions, rotations and the mask."""
+
+    def __init__(self, model: FamModel, fam: FamConfig, batch: int, num_tokens: int, device: torch.device,
+                 dtype: torch.dtype):
+        cfg = model.config
+        self.batch, self.num_tokens = batch, num_tokens
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.is_full = fam.mode == "full"
+        self.L = num_tokens if self.is_full else fam.block_size
+        self.M = 0 if self.is_full else fam.memory_blocks
+        self.F = fam.num_fam_rows
+        self.num_blocks = -(-num_tokens // self.L)  # nb
+        self.num_complete = num_tokens // self.L  # blocks that update the FAM
+        rot = model.rotary
+        cos, sin = rot.cos_sin(torch.arange(num_tokens, device=device), dtype)  # (T, D)
+        self.cos, self.sin = cos.repeat(batch, 1), sin.repeat(batch, 1)  # (B*T, D)
+        self.S = 0
+        if self.is_full:
+            return  # plain causal attention: no blocks, sinks, FAM or mask
+        starts = torch.arange(self.num_blocks, device=device) * self.L  # (nb,) block starts b
+        window_starts = starts - self.M * self.L  # (nb,) w
+        # Sinks: used only by blocks whose window has left position 0; skipped when no block has.
+        self.S = fam.num_sinks if bool((window_starts > 0).any()) else 0
+        if self.S:
+            pos = window_starts[:, None] - self.S + torch.arange(self.S, device=device)  # (nb, S)
+            cos_s, sin_s = rot.cos_sin(pos.flatten(), dtype)  # (nb*S, D)
+            self.sink_cos, self.sink_sin = cos_s.repeat(batch, 1), sin_s.repeat(batch, 1)  # (B*nb*S, D)
+        if self.F:
+            pos = starts[:, None] - self.F + torch.arange(self.F, device=device)  # (nb, F)
+            cos_f, sin_f = rot.cos_sin(pos.flatten(), dtype)  # (nb*F, D)
+            self.fam_cos = cos_f.view(self.num_blocks, self.F, -1).repeat(1, batch, 1)  # (nb, B*F, D)
+            self.fam_sin = sin_f.view(self.num_blocks, self.F, -1).repeat(1, batch, 1)
+        # Mask over [sinks | FAM_prev | window] for the queries of every block: (nb, 1, L, S+F+W).
+        w = (self.M + 1) * self.L
+        query = torch.arange(self.L, device=device)  # offset r in the block
+        key = torch.arange(w, device=device) - self.M * self.L  # key offset relative to the block start
+        window = (key[None, None, :] <= query[None, :, None]) & (starts[:, None, None] + key[None, None, :] >= 0)
+        parts = [(window_starts > 0)[:, None, None].expand(-1, self.L, self.S),
+                 torch.ones(self.num_blocks, self.L, self.F, dtype=torch.bool, device=device), window]
+        self.mask = torch.cat(parts, dim=-1)[:, None]  # (nb, 1, L, S+F+W)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q (..., H, Tq, D); k, v (..., Hkv, Tk, D) -> (..., H, Tq, D)."""
+    return fn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def _layer_forward(layer: DecoderLayer, plan: _Plan, x: torch.Tensor, fam_in: torch.Tensor | None,
+                   fresh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decoder layer over all blocks: x (B, T, C) token rows, fam_in (B, F, C) -> (x_out, FAM after the last
+    complete block, or None without FAM)."""
+    B, T, C = x.shape
+    H, Hkv, D = plan.heads, plan.kv_heads, plan.head_dim
+    q, k, v, k_raw = layer.self_attn.qkv(layer.input_layernorm(x).reshape(B * T, C), plan.cos, plan.sin)
+    q, k, v, k_raw = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D), k_raw.view(B, T, Hkv, D)
+    fam, fam_k, fam_v = None, None, None
+    if plan.is_full:
+        out = fn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True, enable_gqa=True).transpose(1, 2)  # (B, T, H, D)
+    else:
+        if plan.F:
+            fam, fam_k, fam_v = _fam_recurrence(layer, plan, k, v, fam_in, fresh)
+        out = _block_attention(plan, q, k, v, k_raw, fam_k, fam_v)  # (B, T, H, D)
+    x_out = layer.finish(x.reshape(B * T, C), out.reshape(B * T, H * D)).view(B, T, C)
+    return x_out, fam
+
+
+def _fam_recurrence(layer: DecoderLayer, plan: _Plan, k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor,
+                    fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FAM updates of one layer, block by block. k, v (B, T, Hkv, D) token keys/values; fam (B, F, C) the start
+    FAM. Returns the FAM after the last complete block and the FAM_prev keys/values of every block,
+    (B, nb, Hkv, F, D) each, for the token pass."""
+    B, F, C = fam.shape
+    H, Hkv, D, L = plan.heads, plan.kv_heads, plan.head_dim, plan.L
+    fam_k, fam_v = [], []
+    for i in range(plan.num_blocks):
+        qf, kf, vf, _ = layer.self_attn.qkv(layer.input_layernorm(fam).reshape(B * F, C), plan.fam_cos[i],
+                                            plan.fam_sin[i])
+        kf, vf = kf.view(B, F, Hkv, D), vf.view(B, F, Hkv, D)
+        fam_k.append(kf)
+        fam_v.append(vf)
+        if i < plan.num_complete:  # FAM_prev (queries at b-F..b-1) sees [FAM_prev ; the whole block], nothing else
+            b = i * L
+            keys = torch.cat([kf, k[:, b:b + L]], dim=1).transpose(1, 2)  # (B, Hkv, F+L, D)
+            values = torch.cat([vf, v[:, b:b + L]], dim=1).transpose(1, 2)
+            out = _attention(qf.view(B, F, H, D).transpose(1, 2), keys, values)  # (B, H, F, D)
+            residual = fam
+            if i == 0:  # the very first update of a fresh row uses a zero residual (paper B.1)
+                residual = torch.where(fresh[:, None, None], torch.zeros_like(fam), fam)
+            fam = layer.finish(residual.reshape(B * F, C), out.transpose(1, 2).reshape(B * F, H * D)).view(B, F, C)
+    return fam, torch.stack(fam_k, dim=1).transpose(2, 3), torch.stack(fam_v, dim=1).transpose(2, 3)
+
+
+def _block_attention(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_raw: torch.Tensor,
+                     fam_k: torch.Tensor | None, fam_v: torch.Tensor | None) -> torch.Tensor:
+    """Token rows of all blocks at once against [sinks | FAM_prev | window] under the plan's mask.
+    q (B, T, H, D); k, v, k_raw (B, T, Hkv, D); fam_k, fam_v (B, nb, Hkv, F, D) -> (B, T, H, D)."""
+    B, T, H, D = q.shape
+    Hkv, L, M, S, nb = plan.kv_heads, plan.L, plan.M, plan.S, plan.num_blocks
+    pad = nb * L - T
+    q_blocks = fn.pad(q, (0, 0, 0, 0, 0, pad)).view(B, nb, L, H, D).transpose(2, 3)  # (B, nb, H, L, D)
+
+    def windows(t: torch.Tensor) -> torch.Tensor:  # (B, T, Hkv, D) -> (B, nb, Hkv, W, D), views, no copies
+        padded = fn.pad(t, (0, 0, 0, 0, M * L, pad))  # (B, M*L + nb*L, Hkv, D)
+        return padded.unfold(1, (M + 1) * L, L).transpose(3, 4)
+
+    keys, values = [], []
+    if S:  # the first S tokens' keys, re-rotated for each block's window start
+        sinks = k_raw[:, None, :S].expand(B, nb, S, Hkv, D).reshape(B * nb * S, Hkv, D)
+        keys.append(rotate(sinks, plan.sink_cos, plan.sink_sin).view(B, nb, S, Hkv, D).transpose(2, 3))
+        values.append(v[:, None, :S].expand(B, nb, S, Hkv, D).transpose(2, 3))  # (B, nb, Hkv, S, D)
+    if fam_k is not None:
+        keys.append(fam_k)
+        values.append(fam_v)
+    keys.append(windows(k))
+    values.append(windows(v))
+    out = _attention(q_blocks, torch.cat(keys, dim=3), torch.cat(values, dim=3), plan.mask)  # (B, nb, H, L, D)
+    return out.transpose(2, 3).reshape(B, nb * L, H, D)[:, :T]  # (B, T, H, D)
+
+
+def forward_sequence(model: FamModel, fam: FamConfig, token_ids: torch.Tensor | None = None, *,
+                     inputs_embeds: torch.Tensor | None = None, fam_prompt: torch.Tensor | None = None,
+                     start_fam: torch.Tensor | None = None, fresh: torch.Tensor | None = None,
+                     checkpoint: bool = False) -> SequenceOutput:
+    """Run whole sequences through `model` under the attention config `fam` (which need not be the model's own).
+
+    token_ids (B, T) int64, or inputs_embeds (B, T, C). FAM start (fam mode): `start_fam` (N, B, F, C) or
+    (N, F, C) with `fresh` (B,) bool, True where that row's start is FAM_0 (default: all False, a continuation);
+    without `start_fam`, every row starts fresh from FAM_0 = model.initial_fam(fam_prompt or the default prompt),
+    with gradients to the prompt. checkpoint=True recomputes each layer in the backward pass (activation memory:
+    one layer's work plus N x (B, T, C))."""
+    x = model.model.embed_tokens(token_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+    if x.dim() != 3 or x.shape[1] == 0:
+        raise ValueError(f"token_ids: expected a (B, T) batch with T >= 1, got shape {tuple(x.shape[:-1])}")
+    B, T, C = x.shape
+    plan = _Plan(model, fam, B, T, x.device, x.dtype)
+    layers = model.model.layers
+    if plan.F:
+        if start_fam is None:
+            prompt = default_fam_prompt(model, plan.F) if fam_prompt is None else fam_prompt
+            start_fam, fresh = model.initial_fam(prompt.to(x.dtype)), torch.ones(B, dtype=torch.bool, device=x.device)
+        if start_fam.dim() == 3:
+            start_fam = start_fam[:, None].expand(-1, B, -1, -1)  # (N, B, F, C)
+        if tuple(start_fam.shape) != (len(layers), B, plan.F, C):
+            raise ValueError(f"start_fam: expected shape {(len(layers), B, plan.F, C)}, got {tuple(start_fam.shape)}")
+        fresh = torch.zeros(B, dtype=torch.bool, device=x.device) if fresh is None else fresh.to(x.device)
+    fams = []
+    for l, layer in enumerate(layers):
+        fam_in = start_fam[l] if plan.F else None
+        if checkpoint and torch.is_grad_enabled():
+            x, fam_out = activation_checkpoint(_layer_forward, layer, plan, x, fam_in, fresh, use_reentrant=False)
+        else:
+            x, fam_out = _layer_forward(layer, plan, x, fam_in, fresh)
+        fams.append(fam_out)
+    return SequenceOutput(x, torch.stack(fams) if plan.F else None, plan.num_complete if plan.F else 0)
+
+
+def sequence_logits(model: FamModel, fam: FamConfig, token_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """(B, T, V) logits of every position (convenient for tests and short sequences; training takes the hidden
+    rows of the labelled positions only, see masked_loss)."""
+    return model.logits(forward_sequence(model, fam, token_ids, **kwargs).hidden)
+
+
+def masked_loss(model: FamModel, hidden: torch.Tensor, labels: torch.Tensor,
+                chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the labelled positions (labels != -100) of hidden (B, T, C), and the argmax
+    predictions there (n,). Logits are formed only for labelled rows, `chunk_rows` at a time under activation
+    checkpointing, so a long text sequence never holds (B, T, V) logits (with their gradient) at once."""
+    keep = labels != -100  # (B, T)
+    rows, targets = hidden[keep], labels[keep]  # (n, C), (n,)
+    if targets.numel() == 0:
+        raise ValueError("labels: no labelled position in the batch")
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model.logits(h)  # (rows, V)
+        return fn.cross_entropy(logits, t, reduction="sum"), logits.argmax(-1)
+
+    total, predictions = hidden.new_zeros((), dtype=torch.float32), []
+    for i in range(0, targets.numel(), chunk_rows):
+        h, t = rows[i:i + chunk_rows], targets[i:i + chunk_rows]
+        if torch.is_grad_enabled() and targets.numel() > chunk_rows:
+            loss, pred = activation_checkpoint(chunk_loss, h, t, use_reentrant=False)
+        else:
+            loss, pred = chunk_loss(h, t)
+        total = total + loss
+        predictions.append(pred)
+    return total / targets.numel(), torch.cat(predictions)

@@ -1,0 +1,310 @@
+"""FAM fine-tuning (paper section 3.1, B.2): `FamTrainer` is one optimisation loop for a FamModel under a FamConfig
+with Random State Passing; `train` is `famserve train`: load a checkpoint, wrap LoRA, learn the FAM prompt P and the
+LoRA deltas on text and/or PassKey data, checkpoint and resume, and write one FamAdapter file.
+
+Gradients flow through memory segments and FAM across the blocks of a training sequence (no stop-gradient), each
+layer recomputed in the backward pass (activation checkpointing). Across steps only the FAM carries (RSP, see
+sequence.py): with probability rsp_prob a row starts from the FAM that ended the previous step, detached."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from famserve.engine.config import FamConfig
+from famserve.engine.model import FamModel
+from famserve.engine.training.lora import ALL_TARGETS, apply_lora, export_adapter, lora_parameters
+from famserve.engine.training.sequence import default_fam_prompt, forward_sequence, masked_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean cross-entropy over the labelled positions
+    accuracy: float  # argmax accuracy there
+    num_tokens: int  # tokens in the batch
+    seconds: float
+
+
+class FamTrainer:
+    """AdamW over `params` (by name; the FAM prompt among them when F > 0) with linear warmup then cosine decay to
+    10% (or constant), gradient clipping, and Random State Passing of the FAM between steps."""
+
+    def __init__(self, model: FamModel, fam: FamConfig, params: dict[str, nn.Parameter],
+                 fam_prompt: nn.Parameter | None, *, lr: float, total_steps: int, warmup_steps: int = 0,
+                 schedule: str = "cosine", weight_decay: float = 0.0, rsp_prob: float = 0.8, grad_clip: float = 1.0,
+                 checkpoint_layers: bool = True, seed: int = 0):
+        if fam.num_fam_rows and fam_prompt is None:
+            raise ValueError("fam_prompt: fam mode trains a FAM prompt; pass one")
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule: {schedule!r} is not one of cosine, constant")
+        self.model, self.fam, self.fam_prompt = model, fam, fam_prompt
+        self.params = params
+        self.rsp_prob, self.grad_clip, self.checkpoint_layers = rsp_prob, grad_clip, checkpoint_layers
+        self.optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+
+        def factor(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            if schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.generator = torch.Generator().manual_seed(seed)  # the RSP coin flips
+        self.carried: torch.Tensor | None = None  # (N, B, F, C) the FAM that ended the last step, detached
+        self.step_count = 0
+
+    def start_fam(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per row: the carried FAM with probability rsp_prob (when there is one), else FAM_0 from the prompt."""
+        if not self.fam.num_fam_rows:
+            return None, None
+        fam0 = self.model.initial_fam(self.fam_prompt)  # (N, F, C), gradients to P
+        start = fam0[:, None].expand(-1, batch, -1, -1)  # (N, B, F, C)
+        fresh = torch.ones(batch, dtype=torch.bool)
+        if self.carried is not None and self.carried.shape[1] == batch and self.rsp_prob > 0:
+            carry = torch.rand(batch, generator=self.generator) < self.rsp_prob
+            start = torch.where(carry.to(start.device)[None, :, None, None], self.carried, start)
+            fresh = ~carry
+        return start, fresh.to(fam0.device)
+
+    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        started = time.perf_counter()
+        device = self.model.device
+        tokens, labels = tokens.to(device), labels.to(device)
+        start, fresh = self.start_fam(tokens.shape[0])
+        out = forward_sequence(self.model, self.fam, tokens, start_fam=start, fresh=fresh,
+                               checkpoint=self.checkpoint_layers)
+        loss, predictions = masked_loss(self.model, out.hidden, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if out.num_fam_updates:  # a sequence shorter than a block leaves FAM_0 (fresh): nothing new to carry
+            self.carried = out.fam.detach()
+        self.step_count += 1
+        accuracy = (predictions == labels[labels != -100]).float().mean().item()
+        return StepResult(loss.item(), accuracy, tokens.numel(), time.perf_counter() - started)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return {"params": {n: p.detach().cpu().clone() for n, p in self.params.items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(), "step_count": self.step_count,
+                "carried": None if self.carried is None else self.carried.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["params"]) != set(self.params):
+            raise ValueError("training checkpoint: its trainable tensors do not match this run's")
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.step_count = int(state["step_count"])
+        carried = state["carried"]
+        self.carried = None if carried is None else carried.to(self.model.device, self.model.dtype)
+
+
+# --- famserve train ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `famserve train` takes; bad values raise ValueError naming the field."""
+
+    model: str = "smollm2-135m"  # HF folder, GGUF file or alias
+    out: str = "fam-adapter.safetensors"  # the adapter; <stem>.train.pt (checkpoint) and <stem>.log.jsonl beside it
+    data: tuple[str, ...] = ()  # text files
+    passkey: bool = False  # train on text PassKey examples (filler from --data when given)
+    passkey_fraction: float = 0.5  # with both data kinds: share of PassKey batches
+    steps: int = 1000  # optimizer steps in total (a resumed run continues up to this count)
+    seq_len: int = 1024  # tokens per training sequence
+    batch_size: int = 1  # sequences per step
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ALL_TARGETS
+    fam_length: int = 64  # F
+    block_size: int = 1024  # L
+    memory_blocks: int = 3  # M
+    sink_tokens: int = 4  # S (keep the checkpoint's attention sinks during training)
+    rsp_prob: float = 0.8  # Random State Passing probability
+    checkpoint_every: int = 100  # steps between training checkpoints (and adapter writes); 0 = only at the end
+    resume: str | None = None  # a <stem>.train.pt to continue from
+    seed: int = 0
+    device: str = "cpu"
+    grad_checkpoint: bool = True  # recompute each layer in the backward pass (memory per layer, ~1.3x compute)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "batch_size", "lora_rank", "fam_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.rsp_prob <= 1.0:
+            raise ValueError(f"rsp_prob: must be in 0..1, got {self.rsp_prob}")
+        if not 0.0 <= self.passkey_fraction <= 1.0:
+            raise ValueError(f"passkey_fraction: must be in 0..1, got {self.passkey_fraction}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
+        if not self.data and not self.passkey:
+            raise ValueError("data: give text files (--data) and/or --passkey")
+        FamConfig(mode="fam", block_size=self.block_size, memory_blocks=self.memory_blocks,
+                  fam_length=self.fam_length, sink_tokens=self.sink_tokens)  # validates L, M, F, S
+
+    @property
+    def fam(self) -> FamConfig:
+        return FamConfig(mode="fam", block_size=self.block_size, memory_blocks=self.memory_blocks,
+                         fam_length=self.fam_length, sink_tokens=self.sink_tokens)
+
+    def paths(self) -> tuple[Path, Path, Path]:
+        """(adapter, training checkpoint, JSONL log)."""
+        out = Path(self.out)
+        stem = out.with_suffix("") if out.suffix == ".safetensors" else out
+        return out, stem.with_name(stem.name + ".train.pt"), stem.with_name(stem.name + ".log.jsonl")
+
+
+# Fields a resumed run must share with the checkpoint it resumes (the rest, e.g. steps or lr, may change).
+RESUME_FIELDS = ("model", "batch_size", "lora_rank", "lora_alpha", "lora_targets", "fam_length", "block_size",
+                 "memory_blocks", "sink_tokens")
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    checkpoint_path: Path
+    steps: int  # steps done in total
+    last_loss: float
+    seconds_per_step: float  # mean over this run's steps
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Run `famserve train`; returns where the adapter went and how the run went."""
+    from famserve.engine.build import load_model
+    from famserve.engine.config import EngineConfig
+
+    loaded = load_model(cfg.model, cfg.fam, mode="bswa", engine=EngineConfig(device=cfg.device))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    fam = cfg.fam
+    apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    prompt = nn.Parameter(default_fam_prompt(model, fam.fam_length))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params["fam_prompt"] = prompt
+    trainer = FamTrainer(model, fam, params, prompt, lr=cfg.lr, total_steps=cfg.steps,
+                         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, rsp_prob=cfg.rsp_prob,
+                         grad_clip=cfg.grad_clip, checkpoint_layers=cfg.grad_checkpoint, seed=cfg.seed)
+    batches = _batch_source(cfg, tokenizer)
+    adapter_path, ckpt_path, log_path = cfg.paths()
+    if cfg.resume:
+        _resume(cfg, trainer, batches)
+    log.info("training %s for FAM: %s, LoRA r=%d on %d modules, %d trainable parameters", loaded.model_id,
+             fam.describe(), cfg.lora_rank, len(lora_parameters(model)) // 2,
+             sum(p.numel() for p in params.values()))
+
+    def save() -> None:
+        _atomic_save(lambda path: export_adapter(model, prompt, loaded.model_id, fam).save(path), adapter_path)
+        state = {"config": _config_dict(cfg), "trainer": trainer.state_dict(), "data": batches.state_dict(),
+                 "fingerprint": model.config.fingerprint()}
+        _atomic_save(lambda path: torch.save(state, path), ckpt_path)
+
+    first_step, seconds, last = trainer.step_count, 0.0, None
+    with _Progress(progress, total=cfg.steps, done=first_step) as bar, open(log_path, "a") as log_file:
+        while trainer.step_count < cfg.steps:
+            last = trainer.train_step(*batches.next_batch())
+            seconds += last.seconds
+            record = {"step": trainer.step_count, "loss": round(last.loss, 5), "accuracy": round(last.accuracy, 4),
+                      "lr": trainer.lr, "seconds": round(last.seconds, 3)}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            bar.update(last, trainer.lr)
+            if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0:
+                save()
+    save()
+    done = trainer.step_count - first_step
+    return TrainResult(adapter_path, ckpt_path, trainer.step_count, last.loss if last else float("nan"),
+                       seconds / done if done else 0.0)
+
+
+def _batch_source(cfg: TrainConfig, tokenizer):
+    from famserve.engine.training.data import BatchSource, PassKeyExamples, TextWindows, iter_text_tokens
+    from famserve.engine.training.passkey import TextPassKey
+
+    ids = [t for piece in iter_text_tokens(cfg.data, tokenizer) for t in piece] if cfg.data else []
+    text = TextWindows(ids, cfg.seq_len) if ids else None
+    passkey = PassKeyExamples(TextPassKey(tokenizer, ids or None), cfg.seq_len) if cfg.passkey else None
+    return BatchSource(cfg.batch_size, text, passkey, cfg.passkey_fraction, cfg.seed)
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["data"], d["lora_targets"] = list(cfg.data), list(cfg.lora_targets)
+    return d
+
+
+def _resume(cfg: TrainConfig, trainer: FamTrainer, batches) -> None:
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise ValueError(f"resume: {path}: no such training checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved, current = state["config"], _config_dict(cfg)
+    changed = [name for name in RESUME_FIELDS if saved.get(name) != current[name]]
+    if changed or state.get("fingerprint") != trainer.model.config.fingerprint():
+        raise ValueError(f"resume: {path} was trained with different {', '.join(changed) or 'model weights'}: "
+                         + ", ".join(f"{n}={saved.get(n)!r}" for n in changed))
+    trainer.load_state_dict(state["trainer"])
+    batches.load_state_dict(state["data"])
+    log.info("resumed %s at step %d", path, trainer.step_count)
+
+
+def _atomic_save(write, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+class _Progress:
+    """A rich progress bar with loss, accuracy and speed; silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[stats]}"), console=Console(stderr=True))
+            self.bar.__enter__()
+            self.task = self.bar.add_task("train", total=self.total, completed=self.done, stats="")
+        return self
+
+    def update(self, step: StepResult, lr: float) -> None:
+        if self.enabled:
+            stats = (f"loss {step.loss:.3f} acc {step.accuracy:.2f} lr {lr:.1e} "
+                     f"{step.num_tokens / step.seconds:.0f} tok/s")
+            self.bar.update(self.task, advance=1, stats=stats)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+

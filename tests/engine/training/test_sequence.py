@@ -1,0 +1,149 @@
+"""The differentiable all-at-once model (engine/training/sequence.py) computes what the streaming engine computes:
+logits equal ModelRunner's at 1e-9 in float64 (every mode, sinks, partial last block, a batch of different
+sequences, a carried FAM); gradients reach the FAM prompt and LoRA, and reach past the BSWA receptive field only
+through the FAM."""
+
+import pytest
+import torch
+
+from famserve.engine.config import FamConfig, ModelConfig
+from famserve.engine.model import FamModel
+from famserve.engine.runner import ModelRunner
+from famserve.engine.training.lora import apply_lora, lora_modules
+from famserve.engine.training.sequence import forward_sequence, masked_loss, sequence_logits
+
+ATOL = 1e-9  # float64: any difference is a bug, not rounding
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and it is fair to a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{**dict(architecture="llama", vocab_size=61, hidden_size=32, intermediate_size=48,
+                                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8), **overrides})
+
+
+def random_model(cfg: ModelConfig, fam: FamConfig, seed: int = 0, dtype=torch.float64) -> FamModel:
+    torch.manual_seed(seed)
+    model = FamModel(cfg, fam)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("norm.weight") else 0.3 * torch.randn_like(p))
+    return model.to_device("cpu", dtype)
+
+
+CASES = [
+    # (model overrides, fam config, tokens): partial last blocks unless noted
+    ({}, dict(mode="fam", block_size=6, memory_blocks=1, fam_length=3, sink_tokens=2), 41),
+    ({}, dict(mode="fam", block_size=5, memory_blocks=0, fam_length=7, sink_tokens=0), 35),  # whole blocks
+    ({}, dict(mode="fam", block_size=4, memory_blocks=2, fam_length=2, sink_tokens=4), 31),
+    ({}, dict(mode="fam", block_size=8, memory_blocks=1, fam_length=3, sink_tokens=2), 5),  # one partial block
+    ({"tie_word_embeddings": True, "attention_bias": True},
+     dict(mode="fam", block_size=6, memory_blocks=1, fam_length=3, sink_tokens=1), 29),
+    ({}, dict(mode="bswa", block_size=6, memory_blocks=2, sink_tokens=3), 43),
+    ({}, dict(mode="bswa", block_size=5, memory_blocks=0, sink_tokens=0), 23),
+    ({}, dict(mode="full", block_size=8, full_context_tokens=64), 37),
+]
+
+
+@pytest.mark.parametrize("overrides,fam,n_tokens", CASES, ids=[f"{c[1]['mode']}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("custom_prompt", [False, True], ids=["default-prompt", "custom-prompt"])
+def test_sequence_equals_streaming_engine(overrides, fam, n_tokens, custom_prompt):
+    fam_cfg = FamConfig(**fam)
+    model = random_model(tiny_config(**overrides), fam_cfg, seed=n_tokens)
+    prompt = (torch.randn(fam_cfg.fam_length, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+              if custom_prompt and fam_cfg.mode == "fam" else None)
+    model.set_fam_prompt(prompt)
+    tokens = torch.randint(0, 61, (2, n_tokens), generator=torch.Generator().manual_seed(2))  # a batch of 2
+
+    got = sequence_logits(model, fam_cfg, tokens, fam_prompt=prompt)  # (2, T, V)
+    for row in range(2):
+        state = model.new_state()
+        want = ModelRunner(model).run([state], [tokens[row]], all_logits=True)[0]
+        torch.testing.assert_close(got[row], want, atol=ATOL, rtol=0)
+        if fam_cfg.mode == "fam":
+            out = forward_sequence(model, fam_cfg, tokens, fam_prompt=prompt)
+            torch.testing.assert_close(out.fam[:, row], state.fam, atol=ATOL, rtol=0)
+            assert out.num_fam_updates == state.num_fam_updates
+
+
+def test_carried_fam_equals_a_continuing_stream():
+    """With M=0 and S=0 nothing but the FAM crosses a block boundary, so a sequence that starts from the FAM
+    carried out of a previous one (fresh=False: no zero residual) equals the engine continuing the stream."""
+    fam_cfg = FamConfig(mode="fam", block_size=5, memory_blocks=0, fam_length=3, sink_tokens=0)
+    model = random_model(tiny_config(), fam_cfg, seed=3)
+    first, second = torch.randint(0, 61, (2, 1, 15), generator=torch.Generator().manual_seed(4))
+    carried = forward_sequence(model, fam_cfg, first).fam  # (N, 1, F, C)
+    got = sequence_logits(model, fam_cfg, second, start_fam=carried, fresh=torch.tensor([False]))[0]
+
+    state, runner = model.new_state(), ModelRunner(model)
+    runner.run([state], [first[0]])
+    want = runner.run([state], [second[0]], all_logits=True)[0]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    fresh = sequence_logits(model, fam_cfg, second, start_fam=carried, fresh=torch.tensor([True]))[0]
+    assert (fresh - want).abs().max() > 1e-3  # the zero residual of a fresh start really differs
+
+
+def _far_gradient(mode: str) -> torch.Tensor:
+    """Gradient of a loss on the last token w.r.t. the input embedding of each token of the first block."""
+    fam_cfg = FamConfig(mode=mode, block_size=4, memory_blocks=1, fam_length=2, sink_tokens=2)
+    model = random_model(tiny_config(), fam_cfg, seed=5)
+    tokens = torch.randint(0, 61, (1, 40), generator=torch.Generator().manual_seed(6))
+    embeds = model.model.embed_tokens(tokens).detach().requires_grad_(True)
+    logits = model.logits(forward_sequence(model, fam_cfg, inputs_embeds=embeds).hidden)
+    logits[0, -1].log_softmax(-1)[7].backward()
+    return embeds.grad[0, :4].norm(dim=-1)  # (4,) the first block
+
+
+def test_gradient_reaches_beyond_the_window_only_through_fam():
+    # Receptive field of BSWA here: 2 layers x (M+1) x L = 16 tokens; the loss sits at position 39.
+    bswa, fam = _far_gradient("bswa"), _far_gradient("fam")
+    assert bswa[2:].abs().max() == 0  # positions 2, 3: not sinks, out of reach without FAM
+    assert bswa[:2].min() > 0  # positions 0, 1 are attention sinks, visible forever
+    assert fam.min() > 1e-6
+
+
+def test_gradients_reach_prompt_and_lora_and_checkpointing_matches():
+    fam_cfg = FamConfig(mode="fam", block_size=6, memory_blocks=1, fam_length=3, sink_tokens=2)
+    model = random_model(tiny_config(), fam_cfg, seed=7)
+    apply_lora(model, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8)
+    for m in lora_modules(model).values():  # B starts at 0 (no gradient to A then): make both live
+        torch.nn.init.normal_(m.lora_b, std=0.1)
+    prompt = torch.nn.Parameter(torch.randn(3, 32, dtype=torch.float64))
+    tokens = torch.randint(0, 61, (2, 33), generator=torch.Generator().manual_seed(8))
+    labels = torch.full_like(tokens, -100)
+    labels[:, -4:] = tokens[:, -4:]
+
+    grads = []
+    for checkpoint in (False, True):
+        model.zero_grad()
+        prompt.grad = None
+        out = forward_sequence(model, fam_cfg, tokens, fam_prompt=prompt, checkpoint=checkpoint)
+        masked_loss(model, out.hidden, labels)[0].backward()
+        params = [prompt] + [p for m in lora_modules(model).values() for p in (m.lora_a, m.lora_b)]
+        grads.append([p.grad.clone() for p in params])
+    for g in grads[0]:
+        assert torch.isfinite(g).all() and g.abs().max() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)  # base stays frozen
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, atol=1e-12, rtol=0)
+
+
+def test_masked_loss_chunks_equal_one_pass():
+    fam_cfg = FamConfig(mode="bswa", block_size=6, memory_blocks=1, sink_tokens=0)
+    model = random_model(tiny_config(), fam_cfg, seed=9)
+    tokens = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(10))
+    hidden = forward_sequence(model, fam_cfg, tokens).hidden
+    labels = torch.roll(tokens, -1, dims=1)
+    whole, pred_whole = masked_loss(model, hidden, labels, chunk_rows=1000)
+    chunked, pred_chunked = masked_loss(model, hidden, labels, chunk_rows=7)
+    want = torch.nn.functional.cross_entropy(model.logits(hidden).flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(whole, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(chunked, want, atol=1e-12, rtol=0)
+    assert torch.equal(pred_whole, pred_chunked)

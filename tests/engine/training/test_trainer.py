@@ -1,0 +1,113 @@
+"""`famserve train` end to end on the tiny model (engine/training/trainer.py): it writes an adapter the engine
+loads in FAM mode, a checkpoint and a log; an interrupted run resumed from its checkpoint ends exactly where an
+uninterrupted one does; Random State Passing carries the FAM with the configured probability."""
+
+import json
+
+import pytest
+import torch
+
+from famserve.engine.build import load_model
+from famserve.engine.config import FamConfig
+from famserve.engine.runner import ModelRunner
+from famserve.engine.training import trainer as trainer_module
+from famserve.engine.training.lora import apply_lora
+from famserve.engine.training.sequence import default_fam_prompt
+from famserve.engine.training.trainer import FamTrainer, TrainConfig, train
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and it is fair to a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TEXT = ("Feedback attention memory lets a transformer read long contexts. The quick brown fox jumps over the lazy "
+        "dog. Hello world! The capital of France is Paris.\n") * 20
+
+
+def config(tiny_llama_dir, tmp_path, **overrides) -> TrainConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT)
+    base = dict(model=str(tiny_llama_dir), out=str(tmp_path / "adapter.safetensors"), data=(str(data),),
+                passkey=True, steps=4, seq_len=200, batch_size=2, lr=1e-3, warmup_steps=1, lora_rank=2,
+                lora_alpha=4.0, fam_length=4, block_size=16, memory_blocks=1, sink_tokens=2, checkpoint_every=2)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_train_writes_an_adapter_the_engine_serves(tiny_llama_dir, tmp_path):
+    cfg = config(tiny_llama_dir, tmp_path)
+    result = train(cfg, progress=False)
+    assert result.steps == 4 and result.adapter_path.is_file() and result.checkpoint_path.is_file()
+    assert result.checkpoint_path.name == "adapter.train.pt"
+    records = [json.loads(line) for line in (tmp_path / "adapter.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in records)
+
+    loaded = load_model(tiny_llama_dir, FamConfig(block_size=16, memory_blocks=1, sink_tokens=2),
+                        adapter_path=result.adapter_path)
+    assert loaded.model.fam_config.describe() == "fam (L=16 M=1 F=4 S=2)"
+    logits = ModelRunner(loaded.model).run([loaded.model.new_state()], [list(range(40))])[0]
+    assert torch.isfinite(logits).all()
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path, monkeypatch):
+    whole = train(config(tiny_llama_dir, tmp_path / "whole"), progress=False)
+
+    cfg = config(tiny_llama_dir, tmp_path / "cut")
+    real_step, calls = FamTrainer.train_step, []
+
+    def dies_at_step_3(self, tokens, labels):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, tokens, labels)
+
+    monkeypatch.setattr(trainer_module.FamTrainer, "train_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)  # checkpointed after step 2
+    monkeypatch.setattr(trainer_module.FamTrainer, "train_step", real_step)
+    resumed = train(TrainConfig(**{**cfg.__dict__, "resume": str(cfg.paths()[1])}), progress=False)
+
+    assert resumed.steps == 4
+    want = torch.load(whole.checkpoint_path, weights_only=True)["trainer"]["params"]
+    got = torch.load(resumed.checkpoint_path, weights_only=True)["trainer"]["params"]
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
+
+
+def test_resume_with_another_attention_config_is_refused(tiny_llama_dir, tmp_path):
+    cfg = config(tiny_llama_dir, tmp_path, steps=1)
+    train(cfg, progress=False)
+    other = TrainConfig(**{**cfg.__dict__, "block_size": 32, "resume": str(cfg.paths()[1]), "steps": 2})
+    with pytest.raises(ValueError, match="was trained with different block_size: block_size=16"):
+        train(other, progress=False)
+
+
+@pytest.mark.parametrize("rsp_prob,expect_carried", [(0.0, 0), (1.0, 3)])
+def test_random_state_passing_probability(tiny_llama_dir, rsp_prob, expect_carried):
+    fam = FamConfig(mode="fam", block_size=8, memory_blocks=1, fam_length=2, sink_tokens=1)
+    model = load_model(tiny_llama_dir, fam, mode="bswa").model
+    apply_lora(model, ["q_proj"], rank=2, alpha=2)
+    prompt = torch.nn.Parameter(default_fam_prompt(model, 2))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad} | {"fam_prompt": prompt}
+    trainer = FamTrainer(model, fam, params, prompt, lr=1e-3, total_steps=2, rsp_prob=rsp_prob)
+    tokens = torch.randint(0, 320, (3, 20), generator=torch.Generator().manual_seed(0))
+    trainer.train_step(tokens, tokens)
+    assert trainer.carried.shape == (2, 3, 2, 64)  # (N, B, F, C), detached
+    assert not trainer.carried.requires_grad
+    _, fresh = trainer.start_fam(3)
+    assert int((~fresh).sum()) == expect_carried
+
+
+def test_bad_config_names_the_field(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="rsp_prob: must be in 0..1, got 1.5"):
+        config(tiny_llama_dir, tmp_path, rsp_prob=1.5)
+    with pytest.raises(ValueError, match="data: give text files"):
+        config(tiny_llama_dir, tmp_path, data=(), passkey=False)
+    with pytest.raises(ValueError, match="sink_tokens: must be in 0..block_size"):
+        config(tiny_llama_dir, tmp_path, sink_tokens=40)
