@@ -96,15 +96,11 @@ class SessionManager:
         return record
 
     def get(self, owner: str, session_id: str) -> SessionRecord:
-        hot = self.hot.get(session_id)
-        if hot is not None and hot.record.owner == owner:
-            return hot.record
+        """The committed record, from the store: another replica may have changed the session since we held it."""
         return self._record(owner, session_id)
 
     def list(self, owner: str) -> list[SessionRecord]:
-        by_id = {r.id: r for r in self.store.list_records(owner)}
-        by_id.update({s.record.id: s.record for s in self.hot.values() if s.record.owner == owner})
-        return sorted(by_id.values(), key=lambda r: (r.created_at, r.id))
+        return sorted(self.store.list_records(owner), key=lambda r: (r.created_at, r.id))
 
     async def delete(self, owner: str, session_id: str) -> None:
         self._record(owner, session_id)
