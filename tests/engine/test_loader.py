@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model, save_tiny_folder, write_tiny_gguf
+from tiny_models import make_tiny_model, save_tiny_folder, write_tiny_gguf
 
 from famserve.engine import loader
 from famserve.engine.config import RopeScaling
@@ -108,7 +108,7 @@ def test_unpermute_rows_by_hand() -> None:
     stored = np.array([[0.0], [2.0], [1.0], [3.0]])
     np.testing.assert_array_equal(unpermute_rope_rows(stored, num_heads=1)[:, 0], [0.0, 1.0, 2.0, 3.0])
     bias = np.arange(16.0)
-    from conftest import gguf_permute_rows
+    from tiny_models import gguf_permute_rows
 
     np.testing.assert_array_equal(unpermute_rope_rows(gguf_permute_rows(bias, 2), 2), bias)
 

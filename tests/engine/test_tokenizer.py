@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY_SPECIAL_TOKENS
+from tiny_models import TINY_SPECIAL_TOKENS
 
 from famserve.engine.errors import InvalidRequestError
 from famserve.engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import free_port
+from server_process import free_port
 
 FAM_ARGS = dict(mode="fam", block_size=8, memory_blocks=1, fam_length=4, sink_tokens=2, snapshot_every_tokens=40)
 PIECES = [f"Line {i}: the archive keeps note {i * 37 % 101}.\n" for i in range(60)]

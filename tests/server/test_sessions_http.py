@@ -15,7 +15,7 @@ from openai import OpenAI
 from famserve.engine.tokenizer import Tokenizer
 from famserve.server.store import FileStore
 
-from conftest import TINY_MODEL_NAME
+from server_process import TINY_MODEL_NAME
 
 FAM_ARGS = dict(mode="fam", block_size=8, memory_blocks=1, fam_length=4, sink_tokens=2,
                 snapshot_every_tokens=10**9)  # keep every token in the log, so tests can read what was consumed

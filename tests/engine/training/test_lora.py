@@ -5,7 +5,7 @@ refused. fp32, tolerance 2e-5 (observed ~1e-6)."""
 import pytest
 import torch
 
-from conftest import make_tiny_model, save_tiny_folder
+from tiny_models import make_tiny_model, save_tiny_folder
 from famserve.engine.adapter import FamAdapter
 from famserve.engine.build import load_model
 from famserve.engine.config import FamConfig
