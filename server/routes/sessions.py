@@ -76,6 +76,7 @@ async def delete_session(session_id: str, turns: SessionTurns = Depends(get_turn
 async def append(session_id: str, request: Request, stream: bool = Query(False),
                  turns: SessionTurns = Depends(get_turns)) -> Response:
     """Consume text or token ids, generating nothing. A text/plain body is read and consumed as it arrives."""
+    turns.manager.get(turns.owner, session_id)  # 404 as a plain answer, before any progress stream starts
     if request.headers.get("content-type", "").startswith("text/plain"):
         chunks = text_chunks(request.stream(), turns.service.tokenizer)
     else:

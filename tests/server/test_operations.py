@@ -67,7 +67,11 @@ def test_openapi_describes_every_route_and_body(http: httpx.Client) -> None:
     paths = spec["paths"]
     expected = {"/v1/completions": "post", "/v1/chat/completions": "post", "/v1/models": "get",
                 "/v1/models/{model}": "get", "/tokenize": "post", "/detokenize": "post", "/health": "get",
-                "/ready": "get", "/metrics": "get"}
+                "/ready": "get", "/metrics": "get", "/v1/responses": "post", "/v1/sessions": "post",
+                "/v1/sessions/{session_id}": "get", "/v1/sessions/{session_id}/append": "post",
+                "/v1/sessions/{session_id}/completions": "post", "/v1/sessions/{session_id}/chat/completions": "post",
+                "/v1/sessions/{session_id}/fork": "post", "/v1/sessions/{session_id}/state": "get",
+                "/v1/sessions/import": "post"}
     assert set(paths) == set(expected)
     for path, method in expected.items():
         assert "200" in paths[path][method]["responses"], path
@@ -77,6 +81,6 @@ def test_openapi_describes_every_route_and_body(http: httpx.Client) -> None:
         assert name in schemas, name
     chat = schemas["ChatCompletionRequest"]["properties"]
     assert list(chat)[:2] == ["messages", "model"]  # the reference's order
-    assert list(chat)[-5:] == ["top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos"]
+    assert list(chat)[-6:] == ["top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "session_id"]
     assert chat["top_k"]["description"].startswith("extension")
     assert set(paths["/v1/chat/completions"]["post"]["responses"]) >= {"200", "400", "404", "429", "503"}
