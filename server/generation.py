@@ -236,18 +236,25 @@ class GenerationService:
         try:
             request = GenerationRequest(request_id, prompt_ids, params, state=job.state)
             async with aclosing(self.engine.generate(request)) as outputs:
+                held: list[int] = []  # ids of tokens that added no text yet (half a character): they ride on the next delta
                 async for out in outputs:
                     if out.finished:
                         finished = True
-                        yield self._last_delta(index, out.finish_reason, out.error, detokenizer, stops)
+                        last = self._last_delta(index, out.finish_reason, out.error, detokenizer, stops)
+                        last.token_ids = held + last.token_ids
+                        yield last
                         return
                     last_token_s = self._count(job, len(prompt_ids), len(out.token_ids), last_token_s)
                     delta = self._delta(index, out, params, detokenizer, stops)
+                    delta.token_ids = held + delta.token_ids
                     if delta.finish_reason is not None:  # a stop string: leaving aborts the engine request
                         yield delta
                         return
                     if delta.text or delta.tokens:
+                        held = []
                         yield delta
+                    else:
+                        held = delta.token_ids
         finally:
             if not finished:  # also covers a cancellation before the engine had accepted the request
                 self.engine.abort(request_id)
