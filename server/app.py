@@ -29,14 +29,15 @@ from .errors import AUTHENTICATION, INVALID_REQUEST, PayloadTooLargeError, error
     register_exception_handlers
 from .generation import GenerationService
 from .metrics import Metrics, MetricsMiddleware
-from .routes import chat, completions, health, models, responses, sessions, tokenize
+from .routes import chat, completions, health, models, playground, responses, sessions, tokenize
 from .sessions import SessionLimits, SessionManager
 from .store import open_store
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-OPEN_PATHS = frozenset({"/health", "/ready"})  # answered without an API key (orchestrator probes)
+# Answered without an API key: orchestrator probes, and the static playground page (it asks the user for a key).
+OPEN_PATHS = frozenset({"/health", "/ready"}) | playground.PATHS
 UPLOAD_PATHS = re.compile(r"/v1/sessions/(import|[^/]+/append)")
 
 try:
@@ -59,7 +60,8 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None,
     app.state.metrics = Metrics(lambda: app.state.service.engine.engine.stats if app.state.service else None)
     register_exception_handlers(app)
     app.state.sessions = None  # a SessionManager once the model is loaded
-    routers = [module.router for module in (completions, chat, models, tokenize, health, sessions, responses)]
+    routers = [module.router for module in (completions, chat, models, tokenize, health, sessions, responses,
+                                            playground)]
     for router in routers:
         app.include_router(router)
     paths = {getattr(route, "path", None) for router in [app.router, *routers] for route in router.routes} - {None}

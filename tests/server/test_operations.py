@@ -17,8 +17,12 @@ def test_health_and_ready(http: httpx.Client) -> None:
     assert ready.json() == {"status": "ready", "model": MODEL, "famserve": {"mode": "bswa (L=1024 M=3 S=4)"}}
 
 
-def metric(text: str, name: str, labels: str = "") -> float:
+def metric(text: str, name: str, labels: str = "", default: float | None = None) -> float:
+    """A sample's value; `default` for a labelled series that has not been seen yet (a counter before its first
+    increment is absent, not 0)."""
     match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    if match is None and default is not None:
+        return default
     assert match, f"{name}{labels} not in /metrics"
     return float(match.group(1))
 
@@ -32,7 +36,7 @@ def test_metrics_count_requests_tokens_and_latency(http: httpx.Client) -> None:
     assert response.headers["content-type"].startswith("text/plain")
     after = response.text
     ok = '{route="/v1/completions",status="200"}'
-    assert metric(after, "famserve_requests_total", ok) == metric(before, "famserve_requests_total", ok) + 1
+    assert metric(after, "famserve_requests_total", ok) == metric(before, "famserve_requests_total", ok, 0) + 1
     assert metric(after, "famserve_requests_total", '{route="/v1/completions",status="400"}') >= 1
     assert metric(after, "famserve_requests_total", '{route="unmatched",status="404"}') >= 1
     assert (metric(after, "famserve_generation_tokens_total") - metric(before, "famserve_generation_tokens_total")
