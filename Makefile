@@ -29,10 +29,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test services
 
-# Services the tests start themselves on free loopback ports: redis-server, nginx (the session router).
+# What the tests start themselves on free loopback ports (redis-server, nginx as the session router) and the
+# browser the playground test drives (chromium; `playwright install` cannot download browsers here).
 services:
-	@command -v redis-server >/dev/null && command -v nginx >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq redis-server nginx-light >/dev/null)
+	@command -v redis-server >/dev/null && command -v nginx >/dev/null && command -v chromium >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq redis-server nginx-light chromium >/dev/null)
 
 serve: install
 	$(BIN)/famserve serve --model smollm2-135m --host $(HOST) --port $(PORT)
