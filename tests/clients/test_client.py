@@ -136,18 +136,16 @@ def test_ingest_multi_megabyte_file_streams_it(start_client_server, tmp_path: Pa
 @pytest.mark.parametrize("call, status, code, param", [
     (lambda c: c.chat("hi", temperature=5), 400, "invalid_value", "temperature"),
     (lambda c: c.chat("hi", model="no-such-model"), 404, "model_not_found", "model"),
-    (lambda c: c.get_session("sess_unknown"), 404, None, None),
-    (lambda c: c.session_chat("sess_unknown", "hi"), 404, None, None),
-    (lambda c: c.ingest_file("sess_unknown", __file__), 404, None, None),
+    (lambda c: c.get_session("sess_unknown"), 404, "session_not_found", None),
+    (lambda c: c.session_chat("sess_unknown", "hi"), 404, "session_not_found", None),
+    (lambda c: c.ingest_file("sess_unknown", __file__), 404, "session_not_found", None),
+    (lambda c: c.fork("sess_unknown"), 404, "session_not_found", None),
 ])
-def test_errors_carry_status_and_code(client: FamserveClient, call, status: int, code: str | None,
-                                      param: str | None) -> None:
+def test_errors_carry_status_and_code(client: FamserveClient, call, status: int, code: str, param: str | None) -> None:
     with pytest.raises(FamserveAPIError) as error:
         call(client)
-    assert error.value.status == status
-    if code is not None:
-        assert (error.value.code, error.value.param) == (code, param)
-    assert str(error.value).startswith(f"{status} ")
+    assert (error.value.status, error.value.code, error.value.param) == (status, code, param)
+    assert str(error.value).startswith(f"{status} {code}: ")
 
 
 @pytest.mark.parametrize("api_key, code", [(None, "missing_api_key"), ("wrong-key", "invalid_api_key")])

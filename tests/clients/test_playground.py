@@ -97,12 +97,13 @@ def test_chat_streams_the_reply(page) -> None:
     }""")
     send(page, "Hello there")
     reply = page.locator(".message.assistant").last
-    expect(reply.locator(".info")).to_have_text("finish: length · 19 prompt + 24 generated tokens")
+    # sampled (the page's default temperature), so the reply may end early on the end-of-turn token
+    expect(reply.locator(".info")).to_have_text(re.compile(r"finish: (length|stop) · 19 prompt \+ \d+ generated tokens"))
     assert reply.locator(".text").inner_text() != ""
     assert page.evaluate("window.textUpdates") > 5  # many deltas, not one final answer
     expect(page.locator("#mode")).to_have_text("bswa (L=8 M=1 S=4)")
     send(page, "And again")  # stateless: the page sends the history
-    expect(page.locator(".message.assistant").last.locator(".info")).to_contain_text("prompt + 24 generated")
+    expect(page.locator(".message.assistant").last.locator(".info")).to_contain_text("generated tokens")
 
 
 def test_sessions_panel(page, server, tmp_path: Path, count_tokens) -> None:
