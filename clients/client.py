@@ -11,6 +11,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import quote
 
 import httpx
 
@@ -98,7 +99,7 @@ class IngestProgress:
 
 @dataclass
 class TextStream:
-    """A streamed chat reply or completion: iterate it for text deltas; afterwards `finish_reason`, `usage`, `mode`
+    """A streamed chat reply or completion: an iterator of text deltas; afterwards `finish_reason`, `usage`, `mode`
     and `id` are set. Use it as a context manager (or call close()) to drop the connection early, which cancels
     the generation on the server."""
 
@@ -110,7 +111,16 @@ class TextStream:
     usage: dict[str, int] | None = None
     text: str = field(default="")  # everything received so far
 
-    def __iter__(self) -> Iterator[str]:
+    def __post_init__(self) -> None:
+        self._deltas = self._read()
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def _read(self) -> Iterator[str]:
         try:
             for chunk in self._events:
                 self.id = self.id or chunk.get("id")
@@ -207,14 +217,14 @@ class FamserveClient:
             after = page["last_id"]
 
     def get_session(self, session_id: str) -> SessionInfo:
-        return SessionInfo.from_json(self._json("GET", f"/v1/sessions/{session_id}"))
+        return SessionInfo.from_json(self._json("GET", f"/v1/sessions/{_quote(session_id)}"))
 
     def delete_session(self, session_id: str) -> None:
-        self._json("DELETE", f"/v1/sessions/{session_id}")
+        self._json("DELETE", f"/v1/sessions/{_quote(session_id)}")
 
     def fork(self, session_id: str) -> SessionInfo:
         """A new session holding a copy of this one's state."""
-        return SessionInfo.from_json(self._json("POST", f"/v1/sessions/{session_id}/fork"))
+        return SessionInfo.from_json(self._json("POST", f"/v1/sessions/{_quote(session_id)}/fork"))
 
     def append_text(self, session_id: str, text: str) -> SessionInfo:
         """Let the session consume `text` (nothing is generated); returns the session afterwards."""
@@ -232,13 +242,13 @@ class FamserveClient:
         midway, the session keeps what it consumed until then (see its tokens_processed)."""
         path = Path(path)
         total = path.stat().st_size
-        latest = [self.get_session(session_id)]  # an unknown session fails here, with its HTTP status
+        latest = self.get_session(session_id)  # what progress reports carry until the server's first event
         started = time.monotonic()
         sent = tokens_before = 0
 
         def report(tokens: int) -> None:
             if on_progress is not None:
-                on_progress(IngestProgress(sent, total, tokens, time.monotonic() - started, latest[0]))
+                on_progress(IngestProgress(sent, total, tokens, time.monotonic() - started, latest))
 
         def body(part: Iterator[bytes]) -> Iterator[bytes]:
             nonlocal sent
@@ -249,35 +259,36 @@ class FamserveClient:
 
         with path.open("rb") as file:
             for part in _file_parts(file, chunk_bytes, part_bytes):
-                url = f"/v1/sessions/{session_id}/append"
+                url = f"/v1/sessions/{_quote(session_id)}/append"
                 with self._stream("POST", url, params={"stream": "true"}, content=body(part),
                                   headers={"Content-Type": "text/plain; charset=utf-8"}) as response:
                     appended = 0
                     for event in _sse_events(response):
                         appended = event["tokens_appended"]
-                        latest[0] = SessionInfo.from_json(event["session"])
+                        latest = SessionInfo.from_json(event["session"])
                         report(tokens_before + appended)
                 tokens_before += appended
         report(tokens_before)
-        return latest[0]
+        return latest
 
     def session_chat(self, session_id: str, messages: Messages, *, stream: bool = False,
                      **params: Any) -> Completion | TextStream:
         """One chat turn inside a session: send only the new messages (a string is one user message); the
         session already holds the conversation so far, and keeps the reply."""
         body = {"messages": _messages(messages), **params}
-        return self._generate(f"/v1/sessions/{session_id}/chat/completions", body, stream)
+        return self._generate(f"/v1/sessions/{_quote(session_id)}/chat/completions", body, stream)
 
     def session_complete(self, session_id: str, prompt: str | list[int], *, commit: bool = True,
                          stream: bool = False, **params: Any) -> Completion | TextStream:
         """Continue the session's stream with `prompt`; with commit=False the session is left as it was."""
         body = {"prompt": prompt, "commit": commit, **params}
-        return self._generate(f"/v1/sessions/{session_id}/completions", body, stream)
+        return self._generate(f"/v1/sessions/{_quote(session_id)}/completions", body, stream)
 
     def export_state(self, session_id: str, path: str | Path) -> int:
         """Write the session's state (a safetensors snapshot) to `path`; returns the bytes written."""
         written = 0
-        with self._stream("GET", f"/v1/sessions/{session_id}/state") as response, Path(path).open("wb") as file:
+        url = f"/v1/sessions/{_quote(session_id)}/state"
+        with self._stream("GET", url) as response, Path(path).open("wb") as file:
             for chunk in response.iter_bytes():
                 written += file.write(chunk)
         return written
@@ -291,7 +302,7 @@ class FamserveClient:
     # --- plumbing ------------------------------------------------------------------------------------------------
 
     def _append(self, session_id: str, body: dict[str, Any]) -> SessionInfo:
-        answer = self._json("POST", f"/v1/sessions/{session_id}/append", json=body)
+        answer = self._json("POST", f"/v1/sessions/{_quote(session_id)}/append", json=body)
         return SessionInfo.from_json(answer["session"])
 
     def _generate(self, path: str, body: dict[str, Any], stream: bool) -> Completion | TextStream:
@@ -313,18 +324,32 @@ class FamserveClient:
             response = self._http.send(request, stream=stream)
         except httpx.TimeoutException as e:
             raise FamserveConnectionError(f"{request.url}: timed out ({type(e).__name__})") from None
+        except httpx.ConnectError as e:
+            raise FamserveConnectionError(f"cannot connect to {request.url}: {e or type(e).__name__}") from None
         except httpx.TransportError as e:
             raise FamserveConnectionError(f"{request.url}: {e or type(e).__name__}") from None
         if response.is_error:
-            try:
-                response.read()
-                body = response.json()
-            except (ValueError, httpx.HTTPError):
-                body = {"error": {"message": f"{response.reason_phrase} ({response.text[:200]!r})"}}
-            finally:
-                response.close()
-            raise FamserveAPIError.from_body(response.status_code, body)
+            raise _api_error(response)
         return response
+
+
+def _api_error(response: httpx.Response) -> FamserveAPIError:
+    """The error an error answer carries; one that is not OpenAI-shaped JSON (a proxy's page) says what it was."""
+    try:
+        response.read()
+    except httpx.HTTPError:
+        return FamserveAPIError(response.status_code, response.reason_phrase)
+    finally:
+        response.close()
+    try:
+        return FamserveAPIError.from_body(response.status_code, response.json())
+    except ValueError:
+        return FamserveAPIError(response.status_code, f"{response.reason_phrase}: {response.text[:200]!r}")
+
+
+def _quote(session_id: str) -> str:
+    """A session id as one URL path segment (an id is never allowed to reach another route)."""
+    return quote(session_id, safe="")
 
 
 def _messages(messages: Messages) -> list[dict[str, Any]]:
