@@ -16,6 +16,21 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
         "neighbourhood, this truth is so well fixed in the minds of the surrounding families. ") * 3
 
 
+def hf_llama(ckpt):
+    """transformers' LlamaForCausalLM with a loaded checkpoint's shape and weights (fp32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = ckpt.config
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids))).eval()
+    hf.load_state_dict(ckpt.weights, strict=False)
+    return hf
+
+
 def logits_of(spec, tokens, fam=FULL, mode="full"):
     loaded = load_model(spec, fam, mode)
     return ModelRunner(loaded.model).prefill(loaded.model.new_state(), [tokens], all_logits=True)
@@ -31,16 +46,8 @@ def test_tiny_gguf_and_folder_give_the_same_logits(tiny_llama_dir, tiny_gguf_fac
 
 @pytest.mark.model
 def test_smollm2_full_mode_matches_hf_transformers(smollm2_checkpoint):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     ckpt = smollm2_checkpoint
-    c = ckpt.config
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings)).eval()
-    hf.load_state_dict(ckpt.weights, strict=False)
+    hf = hf_llama(ckpt)
     tokens = torch.tensor(ckpt.tokenizer.encode(TEXT))
     with torch.no_grad():
         expected = hf(tokens[None]).logits[0]
@@ -52,16 +59,8 @@ def test_smollm2_full_mode_matches_hf_transformers(smollm2_checkpoint):
 
 @pytest.mark.model
 def test_smollm2_gguf_and_safetensors_folder_agree(smollm2_checkpoint, tmp_path: Path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    ckpt, c = smollm2_checkpoint, smollm2_checkpoint.config
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-        bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids)))
-    hf.load_state_dict(ckpt.weights, strict=False)
+    ckpt = smollm2_checkpoint
+    hf = hf_llama(ckpt)
     hf.save_pretrained(tmp_path)  # a plain HF folder: config.json + model.safetensors
     ckpt.tokenizer.hf_tokenizer.save_pretrained(tmp_path)
     tokens = torch.tensor(ckpt.tokenizer.encode(TEXT))

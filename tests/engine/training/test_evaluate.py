@@ -15,15 +15,6 @@ from famserve.engine.training.evaluate import first_number, passkey, perplexity
 from famserve.engine.training.sequence import sequence_logits
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and it is fair to a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("mode", ["bswa", "fam", "full"])
 def test_streamed_perplexity_equals_all_at_once(tiny_llama_dir, mode):
     fam = FamConfig(block_size=16, memory_blocks=1, fam_length=4, sink_tokens=2, full_context_tokens=256)

@@ -18,15 +18,6 @@ ATOL = 2e-5
 FAM = FamConfig(mode="fam", block_size=8, memory_blocks=1, fam_length=4, sink_tokens=2)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and it is fair to a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_fresh_lora_computes_the_base_model(tiny_llama_dir):
     model = load_model(tiny_llama_dir, FAM, mode="bswa").model
     tokens = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(0))

@@ -11,15 +11,6 @@ from famserve.engine.training.passkey import (GRASS_FILLER, IGNORE, KEY_MARK, QU
                                               miniature_batch)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and it is fair to a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_miniature_layout_and_labels():
     tokens, labels = miniature_batch(5, 40, torch.Generator().manual_seed(0))
     assert tokens.shape == labels.shape == (5, 40)

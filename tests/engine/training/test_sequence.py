@@ -15,15 +15,6 @@ from famserve.engine.training.sequence import forward_sequence, masked_loss, seq
 ATOL = 1e-9  # float64: any difference is a bug, not rounding
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and it is fair to a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**dict(architecture="llama", vocab_size=61, hidden_size=32, intermediate_size=48,
                                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8), **overrides})

@@ -16,15 +16,6 @@ from famserve.engine.training.sequence import default_fam_prompt
 from famserve.engine.training.trainer import FamTrainer, TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and it is fair to a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TEXT = ("Feedback attention memory lets a transformer read long contexts. The quick brown fox jumps over the lazy "
         "dog. Hello world! The capital of France is Paris.\n") * 20
 
