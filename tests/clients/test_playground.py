@@ -24,7 +24,7 @@ SCREENSHOT_ENV = "FAMSERVE_PLAYGROUND_SCREENSHOT"  # set to a path to keep the f
 WAIT_MS = 60_000  # the tiny model on a busy 2-core machine
 
 
-@pytest.mark.parametrize("path, media_type", zip(PLAYGROUND_FILES, ["text/html", "text/javascript", "text/css"]))
+@pytest.mark.parametrize("path, media_type", list(zip(PLAYGROUND_FILES, ["text/html", "text/javascript", "text/css"])))
 def test_files_are_served_without_a_key(server, path: str, media_type: str) -> None:
     response = httpx.get(server.url + path, timeout=30)
     assert response.status_code == 200
