@@ -49,6 +49,11 @@ def load_model(spec: str | Path, fam: FamConfig | None = None, mode: str | None 
     if adapter is not None:
         adapter.check_compatible(ckpt.config, fam)
         fam = replace(fam, fam_length=adapter.fam_length)
+        trained = (adapter.block_size, adapter.memory_blocks, adapter.sink_tokens)
+        if fam.mode == "fam" and (fam.block_size, fam.memory_blocks, fam.sink_tokens) != trained:
+            log.warning("FAM adapter %s was trained with L=%d M=%d S=%d, running with L=%d M=%d S=%d: FAM may "
+                        "work less well away from its training shape", adapter_path, *trained, fam.block_size,
+                        fam.memory_blocks, fam.sink_tokens)
     model = FamModel(ckpt.config, fam)
     weights = dict(ckpt.weights)
     if ckpt.config.tie_word_embeddings:

@@ -50,13 +50,14 @@ class FamTrainer:
         self.params = params
         self.rsp_prob, self.grad_clip, self.checkpoint_layers = rsp_prob, grad_clip, checkpoint_layers
         self.optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+        self.total_steps = total_steps  # may shrink during a run with a time budget (train, max_seconds)
 
         def factor(step: int) -> float:
             if step < warmup_steps:
                 return (step + 1) / warmup_steps
             if schedule == "constant":
                 return 1.0
-            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            progress = min(1.0, (step - warmup_steps) / max(1, self.total_steps - warmup_steps))
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
@@ -152,6 +153,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     grad_checkpoint: bool = True  # recompute each layer in the backward pass (memory per layer, ~1.3x compute)
+    max_seconds: float | None = None  # time budget: stop when spent; the LR schedule is fitted to it (see train)
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "batch_size", "lora_rank", "fam_length"):
@@ -163,6 +165,8 @@ class TrainConfig:
             raise ValueError(f"passkey_fraction: must be in 0..1, got {self.passkey_fraction}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be positive, got {self.lr}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds: must be positive, got {self.max_seconds}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         if not self.data and not self.passkey:
@@ -201,6 +205,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from famserve.engine.build import load_model
     from famserve.engine.config import EngineConfig
 
+    if cfg.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 matmuls: the usual mixed-precision trade
+        torch.backends.cudnn.allow_tf32 = True
     loaded = load_model(cfg.model, cfg.fam, mode="bswa", engine=EngineConfig(device=cfg.device))
     model, tokenizer = loaded.model, loaded.tokenizer
     fam = cfg.fam
@@ -227,9 +234,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     first_step, seconds, last = trainer.step_count, 0.0, None
     with _Progress(progress, total=cfg.steps, done=first_step) as bar, open(log_path, "a") as log_file:
-        while trainer.step_count < cfg.steps:
+        while trainer.step_count < trainer.total_steps:
             last = trainer.train_step(*batches.next_batch())
             seconds += last.seconds
+            if cfg.max_seconds is not None:
+                _fit_schedule(trainer, cfg, seconds, trainer.step_count - first_step, last.seconds)
             record = {"step": trainer.step_count, "loss": round(last.loss, 5), "accuracy": round(last.accuracy, 4),
                       "lr": trainer.lr, "seconds": round(last.seconds, 3)}
             log_file.write(json.dumps(record) + "\n")
@@ -241,6 +250,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     done = trainer.step_count - first_step
     return TrainResult(adapter_path, ckpt_path, trainer.step_count, last.loss if last else float("nan"),
                        seconds / done if done else 0.0)
+
+
+TIMING_STEPS = 10  # steps timed before a time budget fixes the run's length
+
+
+def _fit_schedule(trainer: FamTrainer, cfg: TrainConfig, seconds: float, done: int, last_seconds: float) -> None:
+    """With a time budget: after TIMING_STEPS steps, shorten the run (and so its LR decay) to the steps that fit,
+    timed by the steps after the first (which carries one-off warm-up costs); stop when the budget is spent."""
+    if done == 1:
+        trainer._first_step_seconds = last_seconds
+    if seconds >= cfg.max_seconds:
+        trainer.total_steps = trainer.step_count
+    elif done == TIMING_STEPS:
+        per_step = (seconds - trainer._first_step_seconds) / (done - 1)
+        fit = trainer.step_count + int((cfg.max_seconds - seconds) / per_step)
+        trainer.total_steps = max(trainer.step_count, min(cfg.steps, fit))
+        log.info("time budget %.0f s: %d steps in all (%.2f s/step)", cfg.max_seconds, trainer.total_steps,
+                 per_step)
 
 
 def _batch_source(cfg: TrainConfig, tokenizer):

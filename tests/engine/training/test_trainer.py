@@ -102,3 +102,31 @@ def test_bad_config_names_the_field(tiny_llama_dir, tmp_path):
         config(tiny_llama_dir, tmp_path, data=(), passkey=False)
     with pytest.raises(ValueError, match="sink_tokens: must be in 0..block_size"):
         config(tiny_llama_dir, tmp_path, sink_tokens=40)
+
+
+def test_time_budget_stops_the_run_and_fits_the_schedule(tiny_llama_dir, tmp_path, monkeypatch):
+    real_step = FamTrainer.train_step
+
+    def one_second_steps(self, tokens, labels):  # a fixed step time, so the fitted length is exact
+        result = real_step(self, tokens, labels)
+        result.seconds = 1.0
+        return result
+
+    monkeypatch.setattr(trainer_module.FamTrainer, "train_step", one_second_steps)
+    result = train(config(tiny_llama_dir, tmp_path, steps=1000, max_seconds=15.0, checkpoint_every=0),
+                   progress=False)
+    assert result.steps == 15  # 10 timed steps, then the 5 that fit; far fewer than the 1000 asked for
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "adapter.log.jsonl").read_text().splitlines()]
+    assert lrs[-1] == pytest.approx(1e-3 * 0.1)  # the cosine decay ran to its end within the budget
+
+
+def test_adapter_used_away_from_its_training_shape_warns(tiny_llama_dir, tmp_path, caplog):
+    result = train(config(tiny_llama_dir, tmp_path, steps=1), progress=False)
+    with caplog.at_level("WARNING", logger="famserve.engine.build"):
+        load_model(tiny_llama_dir, FamConfig(block_size=16, memory_blocks=1, sink_tokens=2),
+                   adapter_path=result.adapter_path)
+    assert not [r for r in caplog.records if "trained with" in r.message]
+    with caplog.at_level("WARNING", logger="famserve.engine.build"):
+        load_model(tiny_llama_dir, FamConfig(block_size=32, memory_blocks=1, sink_tokens=2),
+                   adapter_path=result.adapter_path)
+    assert any("trained with L=16 M=1 S=2, running with L=32 M=1 S=2" in r.getMessage() for r in caplog.records)
