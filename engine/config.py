@@ -164,6 +164,14 @@ class FamConfig:
         return f"{self.mode} (L={self.block_size} M={self.memory_blocks}{fam} S={self.sink_tokens})"
 
 
+# The state byte budget when EngineConfig.state_memory_bytes is None. On CPU a fixed 4 GiB: about 21 streams of
+# SmolLM2-135M at the defaults (bswa, L=1024, M=3: 0.19 GB each in float32), which with the weights and the default
+# session budget stays inside an 8 GiB container. On CUDA a share of the device memory free once the weights are
+# loaded; the rest is left for activations and session states.
+DEFAULT_CPU_STATE_MEMORY_BYTES = 4 * 2**30
+CUDA_STATE_MEMORY_FRACTION = 0.8
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Runtime choices of one engine instance."""
@@ -171,12 +179,19 @@ class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights, activations and state
     max_running: int = 32  # streams decoded together in one step
+    max_waiting: int = 256  # requests queued for a running slot, at most (more: QueueFullError)
     prefill_chunk_tokens: int = 512  # most prompt tokens of one stream processed in one step
+    # Bytes of request states the engine may hold (running plus kept for reuse); a request waits in the queue until
+    # its state fits. None: DEFAULT_CPU_STATE_MEMORY_BYTES on CPU, CUDA_STATE_MEMORY_FRACTION of free memory on CUDA.
+    state_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported dtype {self.dtype!r}")
         _require(self.max_running > 0, "max_running", "must be positive")
+        _require(self.max_waiting > 0, "max_waiting", "must be positive")
         _require(self.prefill_chunk_tokens > 0, "prefill_chunk_tokens", "must be positive")
+        _require(self.state_memory_bytes is None or self.state_memory_bytes > 0, "state_memory_bytes",
+                 "must be positive")
 
 
 @dataclass(frozen=True)

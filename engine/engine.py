@@ -1,6 +1,7 @@
 """LLMEngine: requests in, tokens out. `step()` is the whole architecture: the scheduler picks the work, the runner
-runs it in one batched forward pass, the sampler picks the next tokens, and finished requests release their state.
-AsyncEngine runs that loop on one dedicated thread and hands each request's outputs to asyncio through a queue."""
+runs it in one batched forward pass, the sampler picks the next tokens, and finished requests release their state
+(kept for reuse; states held stay under a byte budget). AsyncEngine runs that loop on one dedicated thread and hands
+each request's outputs to asyncio through a queue."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import CUDA_STATE_MEMORY_FRACTION, DEFAULT_CPU_STATE_MEMORY_BYTES, EngineConfig
 from .errors import ContextLengthError, FamserveError, InvalidRequestError, QueueFullError
 from .model import FamModel
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams, SamplingState
 from .scheduler import BlockScheduler, Sequence as SchedSequence, Status
 from .state import FamState
+from .stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ class GenerationRequest:
     params: SamplingParams
     state: FamState | None = None
     prefill_only: bool = False  # consume the prompt, generate nothing (session append)
+    submitted_s: float = field(default_factory=time.monotonic)  # when it was made; its queue time counts from here
 
 
 @dataclass
@@ -60,30 +64,40 @@ class _Payload:
     sampling: SamplingState | None = None
 
 
-@dataclass
-class EngineStats:
-    """Counters the server exports as metrics; plain numbers, read without locks (each is written by one thread)."""
-
-    num_waiting: int = 0
-    num_running: int = 0
-    steps_total: int = 0
-    prompt_tokens_total: int = 0
-    generated_tokens_total: int = 0
-    fam_updates_total: int = 0
-    last_batch_size: int = 0
+def default_state_memory_bytes(device: torch.device) -> int:
+    """The state byte budget when none is configured (see EngineConfig.state_memory_bytes)."""
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return int(free_bytes * CUDA_STATE_MEMORY_FRACTION)
+    return DEFAULT_CPU_STATE_MEMORY_BYTES
 
 
 class LLMEngine:
+    """Limits: `max_running` streams per step, `max_waiting` queued beyond those that could start (QueueFullError),
+    `prefill_budget_tokens` input tokens per step, and `state_memory_bytes` of request states held (running and kept
+    for reuse; None: default_state_memory_bytes). Counters and gauges are in `stats`."""
+
     def __init__(self, model: FamModel, eos_token_ids: Sequence[int], max_running: int = 32,
-                 max_waiting: int = 256, prefill_budget_tokens: int = 512):
+                 max_waiting: int = 256, prefill_budget_tokens: int = 512, state_memory_bytes: int | None = None):
         self.model = model
+        self.state_nbytes = model.state_nbytes  # of every fresh request's state
+        budget = default_state_memory_bytes(model.device) if state_memory_bytes is None else state_memory_bytes
+        if budget < self.state_nbytes:
+            raise ValueError(f"state_memory_bytes: {budget} bytes hold no state of this model and attention config "
+                             f"({self.state_nbytes} bytes each)")
         self.runner = ModelRunner(model, max_step_tokens=prefill_budget_tokens)
         self.sampler = Sampler(model.config.vocab_size)
-        self.scheduler = BlockScheduler(max_running, max_waiting, prefill_budget_tokens)
+        self.scheduler = BlockScheduler(max_running, max_waiting, prefill_budget_tokens, state_budget_bytes=budget)
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.stats = EngineStats()
+        self.stats = EngineStats(state_nbytes=self.state_nbytes, state_budget_bytes=budget)
         self._by_id: dict[str, SchedSequence] = {}
         self._free_states: list[FamState] = []  # released fresh-request states, reused to avoid page faults
+        self.refresh_stats()
+
+    @classmethod
+    def from_config(cls, model: FamModel, eos_token_ids: Sequence[int], config: EngineConfig) -> LLMEngine:
+        return cls(model, eos_token_ids, max_running=config.max_running, max_waiting=config.max_waiting,
+                   prefill_budget_tokens=config.prefill_chunk_tokens, state_memory_bytes=config.state_memory_bytes)
 
     def add(self, request: GenerationRequest, emit: Callable[[RequestOutput], None]) -> None:
         if request.request_id in self._by_id:
@@ -92,18 +106,20 @@ class LLMEngine:
             raise InvalidRequestError("the prompt must contain at least one token")
         bad = [t for t in request.prompt_ids if not 0 <= t < self.model.config.vocab_size]
         if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary "
+                                      f"(0..{self.model.config.vocab_size - 1})")
         capacity = self.model.fam_config.max_tokens
         start = request.state.num_tokens if request.state is not None else 0
         need = start + len(request.prompt_ids) + (0 if request.prefill_only else request.params.max_tokens - 1)
         if capacity is not None and need > capacity:
             raise ContextLengthError(f"full attention holds {capacity} tokens; this request needs {need} "
                                      "(use fam or bswa mode for unbounded streams)")
-        if not self.scheduler.has_room():
+        state_nbytes = 0 if request.state is not None else self.state_nbytes
+        if not self.scheduler.has_room(state_nbytes):
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests are already waiting")
         seq = SchedSequence(request.request_id, list(request.prompt_ids),
                             0 if request.prefill_only else request.params.max_tokens,
-                            payload=_Payload(request, emit))
+                            state_nbytes=state_nbytes, payload=_Payload(request, emit))
         self._by_id[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -116,6 +132,11 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> None:
+        """Admit what fits, run one batched forward pass, sample, release what finished; then refresh the gauges."""
+        self._step()
+        self.refresh_stats()
+
+    def _step(self) -> None:
         work = self.scheduler.schedule()
         for seq in work.admitted:
             self._admit(seq)
@@ -138,11 +159,12 @@ class LLMEngine:
             return
         self.stats.fam_updates_total += sum(s.num_fam_updates for s in states) - updates_before
         self.stats.steps_total += 1
-        self.stats.last_batch_size = len(work.items)
+        self.stats.batch_size.observe(len(work.items))
         self._postprocess(work.items, logits)
 
     def _admit(self, seq: SchedSequence) -> None:
         p: _Payload = seq.payload
+        self.stats.queue_time_s.observe(max(time.monotonic() - p.request.submitted_s, 0.0))
         if p.request.state is not None:
             p.state = p.request.state
         elif self._free_states:
@@ -161,7 +183,7 @@ class LLMEngine:
         for (seq, n), lg in zip(items, logits):
             if seq.status is Status.PREFILL:
                 seq.num_prefilled += n
-                self.stats.prompt_tokens_total += n
+                self.stats.prefill_tokens_total += n
                 if seq.num_prompt_left:
                     continue
                 if seq.max_new_tokens == 0:
@@ -176,7 +198,7 @@ class LLMEngine:
             token = out.token_ids[i]
             seq.output_ids.append(token)
             seq.payload.sampling.observe(token)
-            self.stats.generated_tokens_total += 1
+            self.stats.decode_tokens_total += 1
             params = seq.payload.request.params
             reason = None
             if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
@@ -202,9 +224,15 @@ class LLMEngine:
                              num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=len(seq.output_ids)))
 
     def refresh_stats(self) -> EngineStats:
-        self.stats.num_waiting = len(self.scheduler.waiting)
-        self.stats.num_running = len(self.scheduler.running)
-        return self.stats
+        """Bring the gauges of `stats` up to date (the engine thread calls it after every step)."""
+        stats, scheduler = self.stats, self.scheduler
+        stats.num_waiting = len(scheduler.waiting)
+        stats.num_running = len(scheduler.running)
+        stats.states_resident_bytes = scheduler.state_bytes_in_use
+        stats.num_states_resident = scheduler.state_bytes_in_use // self.state_nbytes
+        stats.states_pooled_bytes = len(self._free_states) * self.state_nbytes
+        stats.state_capacity_left = (stats.state_budget_bytes - scheduler.state_bytes_in_use) // self.state_nbytes
+        return stats
 
 
 class AsyncEngine:

@@ -1,6 +1,7 @@
 """Prometheus metrics of one app (its own CollectorRegistry, so several apps can live in one process): requests by
 route and status with their latency, filled by an ASGI middleware; time to first token, inter-token latency and token
-counts, filled by generation.py; and gauges read from the engine's stats at scrape time."""
+counts, filled by generation.py; and the engine's own numbers (queue, batch sizes, queue time, states and their
+byte budget, FAM updates), read from its EngineStats at scrape time."""
 
 from __future__ import annotations
 
@@ -8,31 +9,77 @@ import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from famserve.engine.engine import EngineStats
+from famserve.engine.stats import EngineStats, Histogram as StatsHistogram
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TOKEN_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 UNMATCHED_ROUTE = "unmatched"  # the route label of requests to paths the app does not serve (bounded labels)
 
+# (metric name, help, EngineStats field): the engine's numbers, exported as they are.
+_ENGINE_GAUGES = (
+    ("famserve_num_requests_running", "requests holding an engine slot (prefilling or decoding)", "num_running"),
+    ("famserve_num_requests_waiting", "requests queued for an engine slot", "num_waiting"),
+    ("famserve_states_resident", "request states held by running requests (session states not included)",
+     "num_states_resident"),
+    ("famserve_states_resident_bytes", "bytes of the request states held by running requests",
+     "states_resident_bytes"),
+    ("famserve_states_pooled_bytes", "bytes of released request states kept for reuse (within the budget)",
+     "states_pooled_bytes"),
+    ("famserve_states_budget_bytes", "byte budget for request states (--state-memory-bytes)", "state_budget_bytes"),
+    ("famserve_states_capacity_left", "more request states that fit in the budget now", "state_capacity_left"),
+    ("famserve_state_bytes", "bytes of one stream's state (fixed by the model and attention config)", "state_nbytes"),
+)
+_ENGINE_COUNTERS = (
+    ("famserve_engine_steps_total", "engine steps that ran the model", "steps_total"),
+    ("famserve_prefill_tokens_total", "input tokens the engine consumed (prompts and session appends)",
+     "prefill_tokens_total"),
+    ("famserve_decode_tokens_total", "tokens the engine generated", "decode_tokens_total"),
+    ("famserve_fam_updates_total", "FAM memory updates (one per completed block per stream, fam mode)",
+     "fam_updates_total"),
+    ("famserve_preemptions_total", "running requests sent back to the queue (states are fixed-size: none)",
+     "preemptions_total"),
+)
+_ENGINE_HISTOGRAMS = (
+    ("famserve_batch_size", "streams in one engine step", "batch_size"),
+    ("famserve_request_queue_time_seconds", "time from submission to an engine slot, per admitted request",
+     "queue_time_s"),
+)
+
 
 class EngineCollector(Collector):
-    """Gauges of the engine's queue, read when Prometheus scrapes (nothing while the model loads)."""
+    """The engine's gauges, counters and histograms, read from its stats when Prometheus scrapes (families without
+    samples while the model loads)."""
 
     def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
         self._stats = stats
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
         stats = self._stats()
-        running = GaugeMetricFamily("famserve_num_requests_running", "requests the engine is decoding")
-        waiting = GaugeMetricFamily("famserve_num_requests_waiting", "requests queued for an engine slot")
-        if stats is not None:
-            running.add_metric([], stats.num_running)
-            waiting.add_metric([], stats.num_waiting)
-        return [running, waiting]
+        for name, documentation, attribute in _ENGINE_GAUGES:
+            gauge = GaugeMetricFamily(name, documentation)
+            if stats is not None:
+                gauge.add_metric([], getattr(stats, attribute))
+            yield gauge
+        for name, documentation, attribute in _ENGINE_COUNTERS:
+            counter = CounterMetricFamily(name, documentation)
+            if stats is not None:
+                counter.add_metric([], getattr(stats, attribute))
+            yield counter
+        for name, documentation, attribute in _ENGINE_HISTOGRAMS:
+            histogram = HistogramMetricFamily(name, documentation)
+            if stats is not None:
+                hist: StatsHistogram = getattr(stats, attribute)
+                cumulative = hist.cumulative()  # read once: the engine thread may observe meanwhile
+                histogram.add_metric([], [(_le(bound), n) for bound, n in cumulative], sum_value=hist.sum)
+            yield histogram
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 class Metrics:

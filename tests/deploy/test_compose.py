@@ -1,7 +1,8 @@
 """deploy/compose.yaml and the files it mounts: the replicas, Redis, the router, Prometheus and Grafana are there and
 agree with one another (the router's upstreams and Prometheus' targets are the replica services; the dashboard's
-datasource is the provisioned one), replicas are configured by known FAMSERVE_* settings only, and every metric the
-dashboard queries is one famserve exports (or one issue 5 is adding, listed below)."""
+datasource is the provisioned one), replicas are configured by known FAMSERVE_* settings only, Prometheus can scrape
+them when API keys are set, compose waits out their drain on stop, and every metric the dashboard queries is one
+famserve exports (or one being added, listed below)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 from typing import Any
 
 import pytest
-from deploy_files import DEPLOY, REPO, load_yaml_documents, unknown_famserve_vars
+from deploy_files import DEPLOY, FLUSH_MARGIN_S, REPO, load_yaml_documents, seconds, unknown_famserve_vars
 
 COMPOSE = load_yaml_documents(DEPLOY / "compose.yaml")[0]
 SERVICES: dict[str, Any] = COMPOSE["services"]
@@ -18,15 +19,9 @@ REPLICAS = sorted(name for name in SERVICES if re.fullmatch(r"famserve-\d+", nam
 NGINX_CONF = (DEPLOY / "nginx" / "famserve.conf").read_text()
 DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "famserve.json").read_text())
 
-# Metrics the dashboard shows that server/ does not export yet: issue 5 (scheduler) lists them. Remove a name here
-# when it lands; test_dashboard_metrics_are_exported_or_pending then keeps the dashboard and the server in step.
-PENDING_METRICS = frozenset({
-    "famserve_fam_updates_total",            # FAM memory updates (EngineStats.fam_updates_total)
-    "famserve_batch_size",                   # histogram: streams per engine step
-    "famserve_request_queue_time_seconds",   # histogram: time waiting for an engine slot
-    "famserve_states_resident_bytes",        # gauge: bytes of FAM states held in memory
-    "famserve_states_budget_bytes",          # gauge: the byte budget for those states
-})
+# Metrics the dashboard shows that server/ does not export yet (none: issue 5 exported the last ones). List a name
+# here only while it is being built; test_dashboard_metrics_are_exported_or_pending keeps dashboard and server in step.
+PENDING_METRICS: frozenset[str] = frozenset()
 _SAMPLE_SUFFIXES = ("_bucket", "_count", "_sum")
 _PROMQL_WORDS = frozenset({
     "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
@@ -90,6 +85,23 @@ def test_replica_is_configured_by_known_famserve_settings(replica: str) -> None:
 
 
 @pytest.mark.parametrize("replica", REPLICAS)
+def test_stop_grace_period_covers_the_drain(replica: str) -> None:
+    """compose sends SIGKILL after stop_grace_period: the drain and the session flush must fit before it."""
+    env = _environment(SERVICES[replica])
+    drain_s = float(env["FAMSERVE_SHUTDOWN_GRACE_S"])
+    assert seconds(SERVICES[replica]["stop_grace_period"]) >= drain_s + FLUSH_MARGIN_S
+
+
+@pytest.mark.parametrize("replica", REPLICAS)
+def test_prometheus_can_scrape_a_replica_with_api_keys(replica: str) -> None:
+    """With FAMSERVE_API_KEYS set, /metrics needs a key unless the replica opens it: one or the other."""
+    job = _prometheus_job()
+    opens_metrics = _environment(SERVICES[replica]).get("FAMSERVE_METRICS_OPEN") == "true"
+    assert opens_metrics != ("authorization" in job), "open /metrics on the replicas or give Prometheus a key"
+    assert "${FAMSERVE_API_KEYS" in SERVICES[replica]["environment"]["FAMSERVE_API_KEYS"]
+
+
+@pytest.mark.parametrize("replica", REPLICAS)
 def test_replica_healthcheck_waits_for_readiness(replica: str) -> None:
     service = SERVICES[replica]
     assert "/ready" in " ".join(service["healthcheck"]["test"])
@@ -136,9 +148,13 @@ def test_router_upstreams_are_the_replicas() -> None:
     assert sorted(servers) == [(replica, "8000") for replica in REPLICAS]
 
 
-def test_prometheus_scrapes_every_replica() -> None:
+def _prometheus_job() -> dict[str, Any]:
     config = load_yaml_documents(DEPLOY / "prometheus" / "prometheus.yml")[0]
-    job = next(job for job in config["scrape_configs"] if job["job_name"] == "famserve")
+    return next(job for job in config["scrape_configs"] if job["job_name"] == "famserve")
+
+
+def test_prometheus_scrapes_every_replica() -> None:
+    job = _prometheus_job()
     targets = [target for static in job["static_configs"] for target in static["targets"]]
     assert sorted(targets) == [f"{replica}:8000" for replica in REPLICAS]
     assert job.get("metrics_path", "/metrics") == "/metrics"

@@ -1,5 +1,6 @@
 """LLMEngine and AsyncEngine: continuous batching gives each request its solo tokens, seeds reproduce, finish
-reasons are right, aborts and errors free the slot, prefill-only requests advance a given state."""
+reasons are right, aborts and errors free the slot, prefill-only requests advance a given state, the state byte
+budget bounds the states held (the rest wait), and the stats count what ran."""
 
 import asyncio
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from famserve.engine.build import load_model
-from famserve.engine.config import FamConfig
+from famserve.engine.config import DEFAULT_CPU_STATE_MEMORY_BYTES, EngineConfig, FamConfig
 from famserve.engine.engine import AsyncEngine, GenerationRequest, LLMEngine
 from famserve.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from famserve.engine.sampling import SamplingParams
@@ -38,13 +39,21 @@ def prompt(n, seed):
     return torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def steps_with_more_than(engine: LLMEngine, streams: int) -> int:
+    """Steps that ran more than `streams` streams (streams must be a bucket bound of the batch-size histogram)."""
+    hist = engine.stats.batch_size
+    return hist.count - dict(hist.cumulative())[float(streams)]
+
+
 @pytest.mark.parametrize("params", [SamplingParams(max_tokens=12, temperature=0),
                                     SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5)],
                          ids=["greedy", "seeded"])
 def test_batched_requests_equal_solo_runs(model, params):
     lengths = [1, 5, 8, 13, 30]
     reqs = [GenerationRequest(f"r{i}", prompt(n, i), params) for i, n in enumerate(lengths)]
-    together = run_all(LLMEngine(model, eos_token_ids=[], max_running=8, prefill_budget_tokens=7), reqs)
+    engine = LLMEngine(model, eos_token_ids=[], max_running=8, prefill_budget_tokens=7)
+    together = run_all(engine, reqs)
+    assert steps_with_more_than(engine, 4) > 0  # some steps decoded all five streams together
     for r in reqs:
         alone = run_all(LLMEngine(model, eos_token_ids=[]), [GenerationRequest(r.request_id, r.prompt_ids, params)])
         assert tokens_of(together[r.request_id]) == tokens_of(alone[r.request_id])
@@ -159,3 +168,82 @@ def test_cancel_before_the_engine_accepts_aborts_the_request(model):
             runner.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_streams_sharing_a_state_budget_wait_their_turn_and_get_their_solo_tokens(model):
+    """Five greedy streams of different prompt lengths (different partial-block offsets) under a budget of two
+    states: never more than two hold a state, the others wait in the queue, and each gets exactly its solo tokens."""
+    params = SamplingParams(max_tokens=10, temperature=0)
+    reqs = [GenerationRequest(f"r{i}", prompt(n, i), params) for i, n in enumerate([3, 9, 16, 1, 21])]
+    engine = LLMEngine(model, eos_token_ids=[], max_running=8, prefill_budget_tokens=7,
+                       state_memory_bytes=2 * model.state_nbytes + 1)
+    outputs: dict[str, list] = {r.request_id: [] for r in reqs}
+    for r in reqs:
+        engine.add(r, outputs[r.request_id].append)
+    resident, waiting = [], []
+    while engine.has_work():
+        engine.step()
+        resident.append(engine.stats.num_states_resident)
+        waiting.append(engine.stats.num_waiting)
+    assert max(resident) == 2 and resident[0] == 2 and waiting[0] == 3
+    assert steps_with_more_than(engine, 1) > 0  # the two admitted streams ran together
+    for r in reqs:
+        alone = run_all(LLMEngine(model, eos_token_ids=[]), [GenerationRequest(r.request_id, r.prompt_ids, params)])
+        assert tokens_of(outputs[r.request_id]) == tokens_of(alone[r.request_id])
+    stats = engine.stats
+    assert (stats.num_running, stats.num_waiting) == (0, 0)
+    assert (stats.num_states_resident, stats.states_resident_bytes) == (0, 0)
+    assert stats.states_pooled_bytes == 2 * model.state_nbytes  # released states are kept, never beyond the budget
+    assert stats.state_capacity_left == 2 and stats.queue_time_s.count == 5
+
+
+def test_queue_room_counts_only_the_states_that_fit(model):
+    engine = LLMEngine(model, eos_token_ids=[], max_running=4, max_waiting=1, state_memory_bytes=model.state_nbytes)
+    engine.add(GenerationRequest("a", prompt(3, 1), SamplingParams()), lambda o: None)  # will take the one state
+    engine.add(GenerationRequest("b", prompt(3, 1), SamplingParams()), lambda o: None)  # waits
+    with pytest.raises(QueueFullError):
+        engine.add(GenerationRequest("c", prompt(3, 1), SamplingParams()), lambda o: None)
+
+
+def test_a_request_with_its_own_state_needs_no_room_in_the_budget(model):
+    engine = LLMEngine(model, eos_token_ids=[], max_running=4, state_memory_bytes=model.state_nbytes)
+    engine.add(GenerationRequest("a", prompt(3, 1), SamplingParams(max_tokens=50)), lambda o: None)
+    engine.add(GenerationRequest("b", prompt(3, 2), SamplingParams(max_tokens=50)), lambda o: None)
+    session: list = []
+    engine.add(GenerationRequest("session", prompt(5, 3), SamplingParams(), state=model.new_state(),
+                                 prefill_only=True), session.append)
+    engine.step()  # "a" and the session run together; "b" waits for the one state of the budget
+    assert session[-1].finish_reason == "prefilled"
+    assert [s.request_id for s in engine.scheduler.running] == ["a"]
+    assert [s.request_id for s in engine.scheduler.waiting] == ["b"]
+    assert engine.stats.num_states_resident == 1 and engine.stats.batch_size.sum == 2
+
+
+@pytest.mark.parametrize("budget", [1, 0], ids=["smaller-than-a-state", "zero"])
+def test_a_budget_that_holds_no_state_is_refused(model, budget):
+    with pytest.raises(ValueError, match="state_memory_bytes"):
+        LLMEngine(model, eos_token_ids=[], state_memory_bytes=budget * (model.state_nbytes - 1))
+
+
+def test_engine_config_carries_the_limits(model):
+    with pytest.raises(ValueError, match="state_memory_bytes"):
+        EngineConfig(state_memory_bytes=0)
+    engine = LLMEngine.from_config(model, [], EngineConfig(max_running=3, max_waiting=5, prefill_chunk_tokens=9,
+                                                           state_memory_bytes=4 * model.state_nbytes))
+    scheduler = engine.scheduler
+    assert (scheduler.max_running, scheduler.max_waiting, scheduler.prefill_budget_tokens) == (3, 5, 9)
+    assert engine.stats.state_budget_bytes == 4 * model.state_nbytes and engine.stats.state_capacity_left == 4
+    default = LLMEngine(model, eos_token_ids=[])  # on CPU: the documented fixed default
+    assert default.stats.state_budget_bytes == DEFAULT_CPU_STATE_MEMORY_BYTES
+
+
+def test_stats_count_tokens_fam_updates_steps_and_queue_time(model):
+    engine = LLMEngine(model, eos_token_ids=[])
+    out = run_all(engine, [GenerationRequest("a", prompt(13, 4), SamplingParams(max_tokens=6, temperature=0))])
+    assert len(tokens_of(out["a"])) == 6
+    stats = engine.stats
+    assert stats.prefill_tokens_total == 13 and stats.decode_tokens_total == 6
+    assert stats.fam_updates_total == (13 + 6 - 1) // FAM.block_size  # the last token is sampled, never fed
+    assert stats.steps_total == stats.batch_size.count == 6  # one prefill step (13 <= 512), five decode steps
+    assert stats.batch_size.sum == 6 and stats.preemptions_total == 0
+    assert stats.queue_time_s.count == 1 and 0 <= stats.queue_time_s.sum < 5

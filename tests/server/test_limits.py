@@ -1,6 +1,7 @@
 """Limits and cancellation on a server with one engine slot and one queue place, in full-attention mode (so a request
 can outgrow the preallocated context): 400 context_length_exceeded, 429 with Retry-After, and a client that goes
-away frees its slot at once, streaming or not."""
+away frees its slot at once, streaming or not; and on a server with a request timeout, a generation that runs past
+it frees its slot at once too."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 MODEL = "tiny-llama"
 FULL_CONTEXT_TOKENS = 2048  # the tiny model generates about 500 tokens/s here: a full context takes ~4 s
 FREED_WITHIN_S = 1.0
+TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +118,26 @@ def test_non_streamed_disconnect_frees_the_slot(server, http: httpx.Client) -> N
     thread.join()
     assert [type(e) for e in outcome] == [httpx.ReadTimeout]
     wait_for_gauge(http, "famserve_num_requests_running", 0, FREED_WITHIN_S)
+
+
+@pytest.fixture(scope="module")
+def timeout_server(start_server, tiny_args):
+    return start_server(tiny_args(request_timeout_s=TIMEOUT_S, max_tokens_cap=4096, max_running=1, max_waiting=1))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_request_timeout_frees_the_slot(timeout_server, stream: bool) -> None:
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True, "stream": stream}
+    with httpx.Client(base_url=timeout_server.url, timeout=30) as client:
+        response = client.post("/v1/completions", json=body)  # ~8 s of tokens, cut at TIMEOUT_S
+        if stream:
+            assert response.status_code == 200
+            assert '"code":"request_timeout"' in response.text and response.text.endswith("data: [DONE]\n\n")
+        else:
+            assert response.status_code == 504
+            assert response.json()["error"]["code"] == "request_timeout"
+        wait_for_gauge(client, "famserve_num_requests_running", 0, FREED_WITHIN_S)
+        decoded = gauge(client, "famserve_decode_tokens_total")
+        time.sleep(0.2)
+        assert gauge(client, "famserve_decode_tokens_total") == decoded  # the engine stopped generating for it
+        assert client.post("/v1/completions", json={**body, "max_tokens": 2, "stream": False}).status_code == 200
