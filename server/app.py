@@ -1,6 +1,7 @@
 """create_app(settings): the FastAPI application. Its lifespan loads the model on a background thread (so /health
 answers at once and /ready turns 200 when the engine loop runs), then starts the engine thread and stops it on
-shutdown. Around the routes: CORS (when configured), metrics, API-key check and a request-body size limit."""
+shutdown. Around the routes: CORS (when configured), metrics, API-key check, the drain (503 once a graceful shutdown
+has begun, see server/main.py) and a request-body size limit."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from famserve.engine.config import EngineConfig, FamConfig
 from famserve.engine.engine import AsyncEngine, LLMEngine
 from famserve.engine.errors import FamserveError
 
-from .errors import AUTHENTICATION, INVALID_REQUEST, PayloadTooLargeError, error_json, \
+from .errors import AUTHENTICATION, INVALID_REQUEST, SERVER_ERROR, PayloadTooLargeError, error_json, \
     register_exception_handlers
 from .generation import GenerationService
 from .metrics import Metrics, MetricsMiddleware
@@ -36,8 +37,10 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Answered without an API key: orchestrator probes, and the static playground page (it asks the user for a key).
+# Answered without an API key: orchestrator probes, and the static playground page (it asks the user for a key);
+# /metrics too when settings.metrics_open.
 OPEN_PATHS = frozenset({"/health", "/ready"}) | playground.PATHS
+METRICS_PATH = "/metrics"
 UPLOAD_PATHS = re.compile(r"/v1/sessions/(import|[^/]+/append)")
 
 try:
@@ -51,12 +54,14 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None,
     """The app for `settings`. With `loaded_model` it serves that model instead of loading settings.model;
     `on_load_error` is called if loading fails (famserve serve uses it to exit)."""
     api_keys = settings.all_api_keys()
+    open_paths = OPEN_PATHS | ({METRICS_PATH} if settings.metrics_open else set())
     app = FastAPI(title="famserve", version=__version__, lifespan=_lifespan(settings, loaded_model, on_load_error),
                   description="OpenAI-compatible server for long-context streaming models (TransformerFAM).")
     app.state.settings = settings
     app.state.service = None  # a GenerationService once the model is loaded
     app.state.load_error = None  # why loading failed, if it did
     app.state.started_at = int(time.time())
+    app.state.drain = Drain()  # begun by the server on SIGTERM
     app.state.metrics = Metrics(lambda: app.state.service.engine.engine.stats if app.state.service else None)
     register_exception_handlers(app)
     app.state.sessions = None  # a SessionManager once the model is loaded
@@ -65,12 +70,13 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None,
     for router in routers:
         app.include_router(router)
     paths = {getattr(route, "path", None) for router in [app.router, *routers] for route in router.routes} - {None}
-    # Starlette wraps in reverse: the last added runs first (CORS, metrics, API key, body limit, routes).
+    # Starlette wraps in reverse: the last added runs first (CORS, metrics, API key, drain, body limit, routes).
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     if api_keys:
-        app.add_middleware(APIKeyMiddleware, api_keys=api_keys)
-        _document_bearer_auth(app)
+        app.add_middleware(APIKeyMiddleware, api_keys=api_keys, open_paths=open_paths)
+        _document_bearer_auth(app, open_paths)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, known_paths=paths)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
@@ -78,13 +84,17 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None,
     return app
 
 
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(device=settings.device, dtype=settings.dtype, max_running=settings.max_running,
+                        max_waiting=settings.max_waiting, prefill_chunk_tokens=settings.prefill_budget_tokens,
+                        state_memory_bytes=settings.state_memory_bytes)
+
+
 def load_model_from_settings(settings: Settings) -> LoadedModel:
     fam = FamConfig(block_size=settings.block_size, memory_blocks=settings.memory_blocks,
                     fam_length=settings.fam_length, sink_tokens=settings.sink_tokens,
                     full_context_tokens=settings.full_context_tokens)
-    engine = EngineConfig(device=settings.device, dtype=settings.dtype, max_running=settings.max_running,
-                          prefill_chunk_tokens=settings.prefill_budget_tokens)
-    return load_model(settings.model, fam, settings.mode, engine, settings.fam_adapter)
+    return load_model(settings.model, fam, settings.mode, engine_config(settings), settings.fam_adapter)
 
 
 def _lifespan(settings: Settings, loaded_model: LoadedModel | None,
@@ -111,9 +121,7 @@ async def _start_engine(app: FastAPI, settings: Settings, loaded: LoadedModel | 
             log.info("loading %s (/health answers meanwhile; /ready says 503 until the engine runs)", settings.model)
             loaded = await _in_daemon_thread(load_model_from_settings, settings)
         eos = set(loaded.tokenizer.eos_token_ids) | set(loaded.model.config.eos_token_ids)
-        engine = AsyncEngine(LLMEngine(loaded.model, sorted(eos), max_running=settings.max_running,
-                                       max_waiting=settings.max_waiting,
-                                       prefill_budget_tokens=settings.prefill_budget_tokens))
+        engine = AsyncEngine(LLMEngine.from_config(loaded.model, sorted(eos), engine_config(settings)))
         engine.start()
         store = open_store(settings.session_store or str(settings.state_dir))
         app.state.sessions = SessionManager(store, engine, loaded.model, loaded.tokenizer,
@@ -196,16 +204,55 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-class APIKeyMiddleware:
-    """401 unless `Authorization: Bearer <key>` carries one of the keys (compared in constant time); /health and
-    /ready stay open. Keys are never logged."""
+class Drain:
+    """A graceful shutdown as the app sees it: once begun, new requests are refused; `in_flight` counts the requests
+    still being answered (a stream until its last event), which the server waits for before it stops."""
 
-    def __init__(self, app: ASGIApp, api_keys: list[str]) -> None:
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+
+    def begin(self) -> None:
+        self.draining = True
+
+
+class DrainMiddleware:
+    """While draining: 503 `shutting_down` (Connection: close) for every request but /health and /metrics, /ready
+    included, so routers and orchestrators send no more. Counts the requests it lets through."""
+
+    UNCOUNTED_PATHS = frozenset({"/health", METRICS_PATH})
+
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
         self.app = app
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.UNCOUNTED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.drain.draining:
+            response = error_json(503, "the server is shutting down; retry the request", SERVER_ERROR,
+                                  code="shutting_down", headers={"Connection": "close", "Retry-After": "1"})
+            await response(scope, receive, send)
+            return
+        self.drain.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.drain.in_flight -= 1
+
+
+class APIKeyMiddleware:
+    """401 unless `Authorization: Bearer <key>` carries one of the keys (compared in constant time); `open_paths`
+    (the probes, the playground page, /metrics if configured) need none. Keys are never logged."""
+
+    def __init__(self, app: ASGIApp, api_keys: list[str], open_paths: frozenset[str]) -> None:
+        self.app = app
+        self.open_paths = open_paths
         self._digests = [hashlib.sha256(key.encode()).digest() for key in api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -231,7 +278,7 @@ class APIKeyMiddleware:
         await response(scope, receive, send)
 
 
-def _document_bearer_auth(app: FastAPI) -> None:
+def _document_bearer_auth(app: FastAPI, open_paths: frozenset[str]) -> None:
     """Say in /openapi.json that every route but the open ones needs a bearer token."""
     build = app.openapi
 
@@ -240,7 +287,7 @@ def _document_bearer_auth(app: FastAPI) -> None:
             schema = build()
             schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             schema["security"] = [{"bearer": []}]
-            for path in OPEN_PATHS:
+            for path in open_paths:
                 for operation in schema["paths"].get(path, {}).values():
                     operation["security"] = []
             app.openapi_schema = schema

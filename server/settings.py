@@ -62,9 +62,15 @@ class Settings(BaseSettings):
     max_running: int = Field(32, gt=0, description="requests decoded together in one engine step")
     max_waiting: int = Field(256, gt=0, description="requests queued for a slot, at most (more: 429)")
     prefill_budget_tokens: int = Field(512, gt=0, description="most prompt tokens processed in one engine step")
+    state_memory_bytes: int | None = Field(
+        None, gt=0, description="request states the engine holds at most, in bytes; a request waits in the queue "
+                                "until its state fits (default: 4 GiB on CPU, 80% of free memory on CUDA)")
     request_timeout_s: float | None = Field(None, gt=0, description="abort a generation running longer than "
                                                                       "this, in seconds (default: no limit)")
-
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running requests may finish "
+                                                            "before they are cut off, in seconds (new ones get 503)")
+    metrics_open: bool = Field(False, description="serve /metrics without an API key (for a scraper on a private "
+                                                  "network; never route it from outside)")
 
     # --- sessions
     state_dir: Path = Field(Path("famserve-state"), description="folder of the file session store (snapshots, logs)")
@@ -117,7 +123,7 @@ def build_parser(prog: str = "famserve serve") -> argparse.ArgumentParser:
         default = "[]" if field.default_factory is not None else field.default
         env = ENV_PREFIX + name.upper()
         parser.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs,
-                            help=f"{field.description} (env {env}; default {default})")
+                            help=f"{field.description} (env {env}; default {default})".replace("%", "%%"))
     return parser
 
 

@@ -1,5 +1,6 @@
 """Operational routes: GET /health (liveness, always 200 and never behind an API key), GET /ready (503 until the
-model is loaded and the engine loop runs; also open) and GET /metrics (Prometheus text format)."""
+model is loaded and the engine loop runs, and again once a graceful shutdown begins, when app.DrainMiddleware answers
+for it; also open) and GET /metrics (Prometheus text format; behind the API key unless settings.metrics_open)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ async def health() -> HealthResponse:
 
 
 @router.get("/ready", response_model=ReadyResponse,
-            responses={503: {"model": ErrorResponse, "description": "loading, failed, or engine stopped"}})
+            responses={503: {"model": ErrorResponse,
+                             "description": "loading, failed, engine stopped, or shutting down"}})
 async def ready(request: Request) -> Response:
     """The model is loaded and the engine loop is alive: requests will be served."""
     try:

@@ -13,8 +13,6 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 
-# Settings the lead is adding to server/settings.py (session storage); remove once Settings has them.
-PENDING_SETTINGS = frozenset({"state_dir", "session_store"})
 
 
 def yaml_module() -> Any:
@@ -26,11 +24,36 @@ def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml_module().safe_load_all(path.read_text()) if doc is not None]
 
 
+# Time an orchestrator must give a replica beyond its drain (shutdown_grace_s) before it kills it: uvicorn's own
+# shutdown, snapshotting the sessions held in memory, the engine stopping.
+FLUSH_MARGIN_S = 10.0
+
+
 def setting_names() -> set[str]:
     """Field names of the server's Settings, i.e. the valid suffixes of FAMSERVE_<NAME>, plus the pending ones."""
     from famserve.server.settings import Settings
 
-    return set(Settings.model_fields) | PENDING_SETTINGS
+    return set(Settings.model_fields)
+
+
+def validate_settings_env(env: dict[str, str]) -> None:
+    """Raise pydantic's ValidationError if a FAMSERVE_* value is not valid for its setting (pending ones skipped),
+    as the server would at start. Values must be literal (no ${...} interpolation)."""
+    from famserve.server.settings import ENV_PREFIX, Settings
+
+    given = {name.removeprefix(ENV_PREFIX).lower(): value for name, value in env.items()}
+    Settings(**{name: value for name, value in given.items() if name in Settings.model_fields})
+
+
+def seconds(duration: str | int) -> float:
+    """A compose duration ("60s", "1m30s") or a number of seconds."""
+    if isinstance(duration, int):
+        return float(duration)
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", duration)
+    if not duration or parts is None:
+        raise ValueError(f"not a duration: {duration!r}")
+    hours, minutes, secs = (float(part or 0) for part in parts.groups())
+    return hours * 3600 + minutes * 60 + secs
 
 
 def unknown_famserve_vars(names: list[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """deploy/k8s: every manifest validates offline against the Kubernetes API schemas (kubernetes-validate, strict: an
-unknown or misspelt field fails), and the pieces fit together: probes, resources, the ConfigMap and Secret the
-Deployments read, the Service selecting the pods, the HPA scaling the Deployment on queue depth, Redis durable."""
+unknown or misspelt field fails), and the pieces fit together: probes, resources, the ConfigMap (valid settings) and
+Secret the Deployments read, the grace period covering the drain, /metrics scrapeable without a key, the Service
+selecting the pods, the HPA scaling the Deployment on queue depth, Redis durable."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_files import K8S, load_yaml_documents, unknown_famserve_vars
+from deploy_files import FLUSH_MARGIN_S, K8S, load_yaml_documents, unknown_famserve_vars, validate_settings_env
 
 # The oldest version the manifests need (the preStop sleep action is on by default from 1.30) and a recent one;
 # both must be among the schemas kubernetes-validate ships.
@@ -118,6 +119,30 @@ def test_configmap_holds_only_known_settings_and_points_at_the_redis_service() -
     assert all(isinstance(value, str) for value in data.values())  # a ConfigMap holds strings only
     redis_service = _one("redis.yaml", "Service")["metadata"]["name"]
     assert data["FAMSERVE_SESSION_STORE"] == f"redis://{redis_service}:6379/0"
+
+
+def test_configmap_values_are_valid_settings() -> None:
+    validate_settings_env(_one("configmap.yaml", "ConfigMap")["data"])
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_termination_grace_covers_prestop_drain_and_flush(name: str) -> None:
+    """The kubelet sends SIGKILL terminationGracePeriodSeconds after deletion began: the preStop pause, the drain
+    (FAMSERVE_SHUTDOWN_GRACE_S) and the session flush must fit."""
+    pod = _one(name, "Deployment")["spec"]["template"]["spec"]
+    pause_s = _container({"spec": {"template": {"spec": pod}}})["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain_s = float(_one("configmap.yaml", "ConfigMap")["data"]["FAMSERVE_SHUTDOWN_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] >= pause_s + drain_s + FLUSH_MARGIN_S
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_pods_scraped_by_annotation_serve_metrics_without_a_key(name: str) -> None:
+    """Annotation-discovered scraping carries no credentials, and the pods get API keys from the Secret: so the
+    ConfigMap must open /metrics (and the annotations point at it)."""
+    annotations = _one(name, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert (annotations["prometheus.io/path"], annotations["prometheus.io/port"]) == ("/metrics", "8000")
+    assert _one("configmap.yaml", "ConfigMap")["data"]["FAMSERVE_METRICS_OPEN"] == "true"
 
 
 def test_service_selects_the_deployment_pods() -> None:

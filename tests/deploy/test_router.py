@@ -1,18 +1,11 @@
-"""The router rule of deploy/nginx/famserve.conf, run by a real nginx on loopback in front of two stub replicas that
-answer with their own name: every request naming a session reaches the same replica, requests without one alternate
-(round robin), a session whose replica is down continues on the other, and /metrics is not exposed.
-
-The config is used as written except for what only makes sense inside compose: replica host names become loopback
-ports (and lose `resolve`, which nginx < 1.27.3 lacks), Docker's resolver line goes, and it listens on a free port."""
+"""The router rule of deploy/nginx/famserve.conf, run by a real nginx on loopback (deploy_services.NginxRouter) in
+front of two stub replicas that answer with their own name: every request naming a session reaches the same replica,
+requests without one alternate (round robin), a session whose replica is down continues on the other, and /metrics
+is not exposed. test_scale_out.py puts the same router in front of real famserve processes."""
 
 from __future__ import annotations
 
-import re
-import shutil
-import socket
-import subprocess
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,20 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from deploy_files import DEPLOY
+from deploy_services import NginxRouter
 
-NGINX_CONF = DEPLOY / "nginx" / "famserve.conf"
 SESSION_IDS = [f"sess_{i:04d}{'abcdefgh'[i % 8]}Xy9" for i in range(48)]
 SESSION_REQUESTS = [("GET", "/v1/sessions/{id}"), ("POST", "/v1/sessions/{id}/append"),
                     ("POST", "/v1/sessions/{id}/completions"), ("POST", "/v1/sessions/{id}/chat/completions"),
                     ("POST", "/v1/sessions/{id}/fork"), ("GET", "/v1/sessions/{id}/state"),
                     ("DELETE", "/v1/sessions/{id}")]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class _Replica(BaseHTTPRequestHandler):
@@ -55,6 +41,8 @@ class _Replica(BaseHTTPRequestHandler):
 
 
 class _Router:
+    """Two stub replicas (famserve-1, famserve-2) behind the router."""
+
     def __init__(self, tmp_path: Path) -> None:
         self.replicas: dict[str, ThreadingHTTPServer] = {}
         for name in ("famserve-1", "famserve-2"):
@@ -62,54 +50,25 @@ class _Router:
             server.name = name  # type: ignore[attr-defined]
             threading.Thread(target=server.serve_forever, daemon=True).start()
             self.replicas[name] = server
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = self._start_nginx(tmp_path)
-
-    def _start_nginx(self, tmp_path: Path) -> subprocess.Popen[bytes]:
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-
-        def loopback(match: re.Match[str]) -> str:
-            return f"server 127.0.0.1:{self.replicas[match.group(1)].server_address[1]}"
-
-        conf = re.sub(r"server (famserve-\d+):8000 resolve", loopback, NGINX_CONF.read_text())
-        conf = re.sub(r"^resolver .*$", "", conf, flags=re.MULTILINE)
-        conf = conf.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
-        (tmp_path / "famserve.conf").write_text(conf)
-        temp_paths = " ".join(f"{kind}_temp_path {tmp_path / kind};"
-                              for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (tmp_path / "nginx.conf").write_text(
-            f"daemon off;\nworker_processes 1;\npid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'error.log'};\n"
-            f"events {{}}\nhttp {{\n  access_log off;\n  {temp_paths}\n  include {tmp_path / 'famserve.conf'};\n}}\n")
-        process = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"nginx exited: {process.stderr.read().decode() if process.stderr else ''}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return process
-            except OSError:
-                time.sleep(0.05)
-        process.kill()
-        raise RuntimeError("nginx did not start listening within 10 s")
-
-    def stop(self) -> None:
-        self.process.terminate()
         try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            self.nginx = NginxRouter(tmp_path, {name: server.server_address[1]
+                                                for name, server in self.replicas.items()})
+        except BaseException:
+            self._stop_replicas()
+            raise
+        self.url = self.nginx.url
+
+    def _stop_replicas(self) -> None:
         for server in self.replicas.values():
             server.shutdown()
             server.server_close()
 
+    def stop(self) -> None:
+        self.nginx.stop()
+        self._stop_replicas()
+
 
 def _started_router(tmp_path: Path) -> Iterator[_Router]:
-    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
     router = _Router(tmp_path)
     try:
         yield router

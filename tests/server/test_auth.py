@@ -1,5 +1,6 @@
-"""API keys (from the environment and from a file; every route but /health and /ready needs one) and the request
-timeout (504 before the answer starts, one error event then [DONE] once a stream has begun), on a server of its own."""
+"""API keys (from the environment and from a file; every route but /health and /ready needs one, /metrics too unless
+metrics_open) and the request timeout (504 before the answer starts, one error event then [DONE] once a stream has
+begun), on servers of their own."""
 
 from __future__ import annotations
 
@@ -66,11 +67,33 @@ def test_probes_need_no_key(server, path: str) -> None:
     assert httpx.get(server.url + path).status_code == 200
 
 
+@pytest.fixture(scope="module")
+def open_metrics_server(start_server, tiny_args):
+    from famserve.server.settings import Settings
+
+    if "metrics_open" not in Settings.model_fields:
+        pytest.skip("pending: server/settings.py has no metrics_open field yet")
+    return start_server(tiny_args(metrics_open="true"), env={"FAMSERVE_API_KEYS": ENV_KEY})
+
+
+def test_metrics_open_serves_metrics_without_a_key_and_nothing_else(open_metrics_server) -> None:
+    url = open_metrics_server.url
+    metrics = httpx.get(f"{url}/metrics")
+    assert metrics.status_code == 200
+    assert "famserve_requests_total" in metrics.text
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/openapi.json")]:
+        assert httpx.request(method, url + path, json=CHAT).status_code == 401
+    spec = httpx.get(f"{url}/openapi.json", headers=bearer(ENV_KEY)).json()
+    assert spec["paths"]["/metrics"]["get"]["security"] == []
+    assert spec["paths"]["/v1/models"]["get"].get("security") is None  # the global bearer requirement applies
+
+
 def test_openapi_documents_bearer_auth(server) -> None:
     spec = httpx.get(f"{server.url}/openapi.json", headers=bearer(ENV_KEY)).json()
     assert spec["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
     assert spec["security"] == [{"bearer": []}]
     assert spec["paths"]["/health"]["get"]["security"] == []
+    assert "security" not in spec["paths"]["/metrics"]["get"]  # metrics_open is off: /metrics needs a key
 
 
 def test_cors_preflight_needs_no_key_and_names_the_origin(server) -> None:

@@ -1,0 +1,113 @@
+"""Real services for the deploy tests, on loopback and free ports: nginx running the router rule of
+deploy/nginx/famserve.conf in front of given replica ports, a throw-away redis-server, and tests/server's
+ServerProcess (a real famserve process). A plain module, importable by name (see deploy_files.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from deploy_files import DEPLOY, REPO
+
+NGINX_CONF = DEPLOY / "nginx" / "famserve.conf"
+START_TIMEOUT_S = 10.0
+
+
+def _load_server_process():
+    """tests/server/server_process.py, loaded by path (that folder is not on sys.path for these tests)."""
+    spec = importlib.util.spec_from_file_location("server_process", REPO / "tests" / "server" / "server_process.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_server_process = _load_server_process()
+ServerProcess = _server_process.ServerProcess  # a famserve process; wait_ready(), stop() -> exit status
+tiny_server_args = _server_process.tiny_server_args  # flags of a tiny-model server
+free_port = _server_process.free_port
+
+
+def _wait_listening(process: subprocess.Popen, port: int, name: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"{name} did not listen on port {port} within {START_TIMEOUT_S} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of a service binary, or skip the test saying how to install it (`make services` does)."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+    if path is None:
+        pytest.skip(f"{name} is not installed (make services, or apt-get install {package})")
+    return path
+
+
+class NginxRouter:
+    """nginx with deploy/nginx/famserve.conf as written, except what only makes sense inside compose: the replica
+    host names become the given loopback ports (and lose `resolve`, which nginx < 1.27.3 lacks), Docker's resolver
+    line goes, and it listens on a free port. `url` is the router's base URL."""
+
+    def __init__(self, tmp_path: Path, replica_ports: dict[str, int]) -> None:
+        nginx = require_binary("nginx", "nginx-light")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / "error.log"
+
+        def loopback(match: re.Match[str]) -> str:
+            return f"server 127.0.0.1:{replica_ports[match.group(1)]}"
+
+        conf = re.sub(r"server (famserve-\d+):8000 resolve", loopback, NGINX_CONF.read_text())
+        conf = re.sub(r"^resolver .*$", "", conf, flags=re.MULTILINE)
+        conf = conf.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
+        (tmp_path / "famserve.conf").write_text(conf)
+        temp_paths = " ".join(f"{kind}_temp_path {tmp_path / kind};"
+                              for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (tmp_path / "nginx.conf").write_text(
+            f"daemon off;\nworker_processes 1;\npid {tmp_path / 'nginx.pid'};\nerror_log {self.log_path};\n"
+            f"events {{}}\nhttp {{\n  access_log off;\n  {temp_paths}\n  include {tmp_path / 'famserve.conf'};\n}}\n")
+        self.process = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_listening(self.process, self.port, "nginx")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{self.log_path.read_text() if self.log_path.exists() else ''}") from None
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+class RedisServer:
+    """A redis-server of its own (no persistence: the test's data dies with it); `url` is its redis:// URL."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        redis_server = require_binary("redis-server", "redis-server")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen([redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+        _wait_listening(self.process, self.port, "redis-server")
+
+    def stop(self) -> None:
+        _stop(self.process)
