@@ -9,12 +9,13 @@ exactly the tokens of the whole conversation rendered by the template."""
 from __future__ import annotations
 
 import codecs
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from famserve.engine.errors import InvalidRequestError
 from famserve.engine.tokenizer import Tokenizer
@@ -58,6 +59,24 @@ async def text_chunks(body: AsyncIterator[bytes], tokenizer: Tokenizer) -> Async
         raise APIError(f"body: not valid UTF-8 text ({e.reason} at byte {e.start})", code="invalid_body") from None
     if pending:
         yield tokenizer.encode(pending)
+
+
+def _no_check(record: SessionRecord) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How a turn is answered: `whole(job, choices)` is the body of a plain answer, `stream(job, deltas)` the
+    response of a streamed one. `check(record)` runs first, with the session held, and may refuse the turn."""
+
+    whole: Callable[[Job, list[ChoiceDelta]], BaseModel]
+    stream: Callable[[Job, AsyncIterator[ChoiceDelta]], Response]
+    check: Callable[[SessionRecord], None] = _no_check
+
+
+def _include_usage(stream_options) -> bool:
+    return bool(stream_options and stream_options.include_usage)
 
 
 @dataclass
@@ -109,12 +128,14 @@ class SessionTurns:
         async def commit(session: Session, last: int, choice: ChoiceDelta) -> None:
             await self.manager.consume(session, [last, *choice.token_ids])
 
-        return await self._run(session_id, make_job, body.commit, body.stream, body.stream_options, request,
-                               commit, lambda job, ch, inc: _chunks(job, self.service, ch, inc),
-                               lambda job, choices: self._completion_response(job, choices, _choice))
+        include_usage = _include_usage(body.stream_options)
+        answer = Answer(whole=lambda job, choices: self._completion_response(job, choices, _choice),
+                        stream=lambda job, deltas: sse_response(_chunks(job, self.service, deltas, include_usage)))
+        return await self._run(session_id, make_job, body.commit, bool(body.stream), request, commit, answer)
 
-    async def chat(self, session_id: str, body: SessionChatRequest, request: Request, respond=None) -> Response:
-        """One committed chat turn; `respond(job, choices)` shapes the non-streamed answer (default: OpenAI chat)."""
+    async def chat(self, session_id: str, body: SessionChatRequest, request: Request,
+                   answer: Answer | None = None) -> Response:
+        """One committed chat turn, answered as OpenAI's chat completions unless `answer` says otherwise."""
         from .routes.chat import _chunks
 
         body = body.model_copy(update={"model": body.model or self.service.model_name})
@@ -140,16 +161,19 @@ class SessionTurns:
             if not session.record.anchor_messages:
                 session.record.anchor_messages = messages[:1]
 
-        return await self._run(session_id, make_job, True, body.stream, body.stream_options, request, commit,
-                               lambda job, ch, inc: _chunks(job, self.service, ch, inc),
-                               respond or (lambda job, choices: self._chat_response(job, choices)))
+        if answer is None:
+            include_usage = _include_usage(body.stream_options)
+            answer = Answer(whole=self._chat_response,
+                            stream=lambda job, deltas: sse_response(_chunks(job, self.service, deltas, include_usage)))
+        return await self._run(session_id, make_job, True, bool(body.stream), request, commit, answer)
 
-    async def _run(self, session_id, make_job, commit_result: bool, stream, stream_options, request, commit,
-                   chunks, respond) -> Response:
-        """Hold the session for the whole turn (a stream holds it until its last event)."""
+    async def _run(self, session_id: str, make_job, commit_result: bool, stream: bool, request: Request, commit,
+                   answer: Answer) -> Response:
+        """Hold the session for the whole turn (a stream holds it until its last delta)."""
         stack = AsyncExitStack()
         session = await stack.enter_async_context(self.manager.mutate(self.owner, session_id))
         try:
+            answer.check(session.record)
             job = await make_job(session)
             prompt = job.prompts[0]
             if commit_result:  # the prompt but its last token goes in now; generation runs on a copy
@@ -167,15 +191,15 @@ class SessionTurns:
                 await commit(session, prompt[-1], choice)
 
         if stream:
-            include_usage = bool(stream_options and stream_options.include_usage)
             deltas = await start_stream(request, self._stream_and_commit(job, finish, stack))
-            return sse_response(chunks(job, deltas, include_usage))
+            return answer.stream(job, deltas)
         async with stack:
             choices = await cancel_on_disconnect(request, self.service.collect(job))
             await finish(choices[0])
-        return JSONResponse(respond(job, choices).model_dump(mode="json"))
+        return JSONResponse(answer.whole(job, choices).model_dump(mode="json"))
 
     async def _stream_and_commit(self, job: Job, finish, stack: AsyncExitStack) -> AsyncIterator[ChoiceDelta]:
+        """The deltas of a streamed turn; the session is released when they end (before any closing event)."""
         async with stack:
             whole = ChoiceDelta(0)
             async with aclosing(self.service.stream(job)) as deltas:

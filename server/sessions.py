@@ -155,20 +155,27 @@ class SessionManager:
 
     async def append_chunks(self, session: Session, chunks: AsyncIterator[list[int]]) -> AsyncIterator[int]:
         """Consume an unbounded stream of token chunks, committing every append_chunk_tokens; yields the running
-        count of tokens committed (for progress reports)."""
+        count of tokens committed (for progress reports). Snapshots are taken as the append goes, so neither the log
+        nor the replay after a crash grows with the size of one append."""
         buffer: list[int] = []
         done = 0
         async for chunk in chunks:
             buffer.extend(chunk)
             while len(buffer) >= self.limits.append_chunk_tokens:
                 piece, buffer = buffer[:self.limits.append_chunk_tokens], buffer[self.limits.append_chunk_tokens:]
-                await self.consume(session, piece)
+                await self._commit_piece(session, piece)
                 done += len(piece)
                 yield done
         if buffer:
-            await self.consume(session, buffer)
+            await self._commit_piece(session, buffer)
             done += len(buffer)
             yield done
+
+    async def _commit_piece(self, session: Session, token_ids: list[int]) -> None:
+        await self.consume(session, token_ids)
+        if session.tokens_since_snapshot >= self.limits.snapshot_every_tokens:
+            session.record.version += 1  # a commit point inside the mutation: other replicas must reload
+            await self._snapshot(session)
 
     def scratch_copy(self, session: Session) -> FamState:
         """A throw-away fork of the session's state (for generation that must not be committed as is)."""

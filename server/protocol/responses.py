@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from .base import OpenAIBaseModel, ResponseModel, Temperature, TopP, invalid, unsupported
+from .base import OpenAIBaseModel, ResponseModel, StopSequences, Temperature, TopP, invalid, unsupported
 from .chat import ChatMessage
 
 
@@ -19,24 +19,20 @@ class ResponsesRequest(OpenAIBaseModel):
     metadata: dict[str, str] | None = None
     previous_response_id: str | None = Field(None, description="continue the conversation that response ended")
     store: bool | None = Field(None, description="responses are always stored (they are session turns)")
-    stream: bool | None = Field(None, description="not supported: must be absent or false")
+    stream: bool | None = Field(None, description="send the response as server-sent events as it is generated")
     temperature: Temperature = None
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be absent or empty")
     top_p: TopP = None
     user: str | None = None
+    # --- extension (famserve, as in chat completions)
+    stop: StopSequences = Field(None, description="famserve: up to 16 strings that end the text (not included in "
+                                                  "it); the response is then completed")
 
     @field_validator("input")
     @classmethod
     def _not_empty(cls, value: Any) -> Any:
         if not value:
             raise invalid("must not be empty")
-        return value
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, value: bool | None) -> bool | None:
-        if value:
-            raise unsupported("streaming responses are not supported yet; use /v1/chat/completions with stream")
         return value
 
     @field_validator("tools")
@@ -56,12 +52,13 @@ class OutputText(ResponseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list = Field(default_factory=list)
+    logprobs: list = Field(default_factory=list)
 
 
 class OutputMessage(ResponseModel):
     type: Literal["message"] = "message"
     id: str
-    status: Literal["completed", "incomplete"] = "completed"
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
     role: Literal["assistant"] = "assistant"
     content: list[OutputText]
 
@@ -74,12 +71,20 @@ class ResponsesUsage(ResponseModel):
     output_tokens_details: dict[str, int] = Field(default_factory=lambda: {"reasoning_tokens": 0})
 
 
+class ResponseError(ResponseModel):
+    code: str
+    message: str
+
+
+ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed"]
+
+
 class ResponseObject(ResponseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["completed", "incomplete"]
-    error: None = None
+    status: ResponseStatus
+    error: ResponseError | None = None
     incomplete_details: dict[str, str] | None = None
     instructions: str | None = None
     max_output_tokens: int | None = None
@@ -94,5 +99,52 @@ class ResponseObject(ResponseModel):
     truncation: str = "disabled"
     store: bool = True
     metadata: dict[str, str] = Field(default_factory=dict)
-    usage: ResponsesUsage
+    usage: ResponsesUsage | None = Field(None, description="null until the response has finished")
     session_id: str = Field(description="famserve: the session holding this conversation")
+
+
+# --- streaming: `event: <type>` + `data: <event>` per event; sequence_number counts from 0 over one response
+
+class ResponseStreamEvent(ResponseModel):
+    type: str
+    sequence_number: int = Field(0, description="set as the event is sent")
+
+
+class ResponseLifecycleEvent(ResponseStreamEvent):
+    """The response as it stands: created and in_progress first, then one of completed, incomplete or failed."""
+
+    type: Literal["response.created", "response.in_progress", "response.completed", "response.incomplete",
+                  "response.failed"]
+    response: ResponseObject
+
+
+class OutputItemEvent(ResponseStreamEvent):
+    type: Literal["response.output_item.added", "response.output_item.done"]
+    output_index: int = 0
+    item: OutputMessage
+
+
+class ContentPartEvent(ResponseStreamEvent):
+    type: Literal["response.content_part.added", "response.content_part.done"]
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    part: OutputText
+
+
+class OutputTextDeltaEvent(ResponseStreamEvent):
+    type: Literal["response.output_text.delta"] = "response.output_text.delta"
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    delta: str
+    logprobs: list = Field(default_factory=list)
+
+
+class OutputTextDoneEvent(ResponseStreamEvent):
+    type: Literal["response.output_text.done"] = "response.output_text.done"
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    text: str
+    logprobs: list = Field(default_factory=list)

@@ -31,7 +31,12 @@ def get_turns(request: Request, service: GenerationService = Depends(get_service
 
 
 def owner(request: Request) -> str:
-    """Sessions belong to the API key of the request (the middleware has already checked it)."""
+    """Sessions belong to the API key of the request (the middleware has already checked it). A server without API
+    keys authenticates no one, so every request is the same owner whatever key it sends (the openai client always
+    sends one; curl usually none)."""
+    settings = request.app.state.settings
+    if not settings.api_keys and settings.api_key_file is None:
+        return owner_of(None)
     header = request.headers.get("authorization", "")
     return owner_of(header[7:].strip() if header.lower().startswith("bearer ") else None)
 

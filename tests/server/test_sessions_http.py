@@ -1,6 +1,7 @@
-"""Sessions over HTTP against a real server process (tiny model, FAM mode with small blocks): the README walkthrough
-(create, ingest, ask, fork, export/import, restart, continue), exact chat through the template, ownership, 409 on
-concurrent mutation, the session_id extension and the Responses API through the official openai client."""
+"""Sessions over HTTP against a real server process (tiny model, FAM mode with small blocks): create, ingest, ask,
+fork, export/import, list and delete; exact chat through the template, ownership, 409 on concurrent mutation, the
+session_id extension and the Responses API through the official openai client (streamed responses:
+test_responses_stream.py; the README's walkthrough, restart included: test_readme_walkthrough.py)."""
 
 from __future__ import annotations
 
