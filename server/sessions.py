@@ -149,9 +149,17 @@ class SessionManager:
             return
         start = session.state.num_tokens
         await self._run_prefill(session.state, list(token_ids))
+        await self._renew_lease(session.record.id)
         await asyncio.to_thread(self.store.append_log, session.record.id, start, list(token_ids))
         session.tokens_since_snapshot += len(token_ids)
         session.record.tokens_processed = session.state.num_tokens
+
+    async def _renew_lease(self, session_id: str) -> None:
+        """Extend this replica's claim before each commit: a long ingest or generation outlives one lease_ttl_s, and
+        a claim that another replica took over in the meantime must stop this one from writing."""
+        if not await asyncio.to_thread(self.store.acquire_lease, session_id, self.replica_id, self.limits.lease_ttl_s):
+            raise SessionBusyError(f"session {session_id} was taken over by another replica while this request ran; "
+                                   "what it had not committed yet is discarded")
 
     async def append_chunks(self, session: Session, chunks: AsyncIterator[list[int]]) -> AsyncIterator[int]:
         """Consume an unbounded stream of token chunks, committing every append_chunk_tokens; yields the running

@@ -1,22 +1,18 @@
 """Real services for the deploy tests, on loopback and free ports: nginx running the router rule of
-deploy/nginx/famserve.conf in front of given replica ports, a throw-away redis-server, and tests/server's
+deploy/nginx/famserve.conf in front of given replica ports, and tests/server's
 ServerProcess (a real famserve process). A plain module, importable by name (see deploy_files.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-import pytest
 from deploy_files import DEPLOY, REPO
+from services import require_binary, stop_process, wait_listening
 
 NGINX_CONF = DEPLOY / "nginx" / "famserve.conf"
-START_TIMEOUT_S = 10.0
 
 
 def _load_server_process():
@@ -31,37 +27,6 @@ _server_process = _load_server_process()
 ServerProcess = _server_process.ServerProcess  # a famserve process; wait_ready(), stop() -> exit status
 tiny_server_args = _server_process.tiny_server_args  # flags of a tiny-model server
 free_port = _server_process.free_port
-
-
-def _wait_listening(process: subprocess.Popen, port: int, name: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"{name} did not listen on port {port} within {START_TIMEOUT_S} s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def require_binary(name: str, package: str) -> str:
-    """The path of a service binary, or skip the test saying how to install it (`make services` does)."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
-    if path is None:
-        pytest.skip(f"{name} is not installed (make services, or apt-get install {package})")
-    return path
 
 
 class NginxRouter:
@@ -90,24 +55,9 @@ class NginxRouter:
         self.process = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            _wait_listening(self.process, self.port, "nginx")
+            wait_listening(self.process, self.port, "nginx")
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}:\n{self.log_path.read_text() if self.log_path.exists() else ''}") from None
 
     def stop(self) -> None:
-        _stop(self.process)
-
-
-class RedisServer:
-    """A redis-server of its own (no persistence: the test's data dies with it); `url` is its redis:// URL."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        redis_server = require_binary("redis-server", "redis-server")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen([redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                         "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-        _wait_listening(self.process, self.port, "redis-server")
-
-    def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from deploy_services import NginxRouter, RedisServer, ServerProcess, tiny_server_args
+from deploy_services import NginxRouter, ServerProcess, tiny_server_args
+from services import RedisServer
 
 REPLICAS = ("famserve-1", "famserve-2")
 SESSION_ARGS = dict(mode="fam", block_size=8, memory_blocks=1, fam_length=4, sink_tokens=2)

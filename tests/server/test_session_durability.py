@@ -4,15 +4,13 @@ one real redis-server (create on A, continue on B, same result as one server).""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 import time
 
 import httpx
 import pytest
 
-from server_process import free_port
+from services import RedisServer
 
 FAM_ARGS = dict(mode="fam", block_size=8, memory_blocks=1, fam_length=4, sink_tokens=2, snapshot_every_tokens=40)
 PIECES = [f"Line {i}: the archive keeps note {i * 37 % 101}.\n" for i in range(60)]
@@ -67,22 +65,9 @@ def _tokens(url: str, pieces: list[str]) -> int:
 
 @pytest.fixture
 def redis_url(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (make test installs it)")
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            import redis
-
-            redis.Redis(port=port).ping()
-            break
-        except Exception:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    redis = RedisServer(tmp_path)
+    yield redis.url
+    redis.stop()
 
 
 def test_two_replicas_share_sessions_through_redis(start_server, tiny_args, redis_url):

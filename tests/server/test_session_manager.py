@@ -160,3 +160,34 @@ def test_import_refuses_a_state_of_another_config(loaded, engine, tmp_path, tiny
 
     asyncio.run(scenario())
 
+
+
+def test_commits_renew_the_redis_lease_and_stop_once_another_replica_holds_it(loaded, engine, tmp_path):
+    """A mutation longer than one lease keeps its claim by renewing it at every commit; a claim another replica
+    took over in between stops the next commit, which writes nothing."""
+    from services import RedisServer
+
+    from famserve.server.store import open_store
+
+    redis = RedisServer(tmp_path)
+    try:
+        store = open_store(redis.url)
+        mgr = manager(loaded, engine, store, lease_ttl_s=0.6)
+
+        async def scenario() -> None:
+            rec = await mgr.create(OWNER)
+            async with mgr.mutate(OWNER, rec.id) as s:
+                for i in range(4):  # 4 commits 0.3 s apart: 1.2 s in all, twice the lease
+                    await mgr.consume(s, tokens(5, i))
+                    await asyncio.sleep(0.3)
+                    assert not store.acquire_lease(rec.id, "other-replica", 10.0)  # still ours: renewed
+            with pytest.raises(SessionBusyError, match="taken over by another replica"):
+                async with mgr.mutate(OWNER, rec.id) as s:
+                    await asyncio.sleep(0.8)  # the claim lapses without a commit ...
+                    assert store.acquire_lease(rec.id, "other-replica", 10.0)  # ... and another replica takes it
+                    await mgr.consume(s, tokens(5, 9))
+            assert mgr.get(OWNER, rec.id).tokens_processed == 20
+
+        asyncio.run(scenario())
+    finally:
+        redis.stop()
