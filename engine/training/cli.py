@@ -58,6 +58,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a <out stem>.train.pt")
     p.add_argument("--no-grad-checkpoint", action="store_true", help="keep all activations (faster, more memory)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: autocast the forward pass (GPU; weights and optimizer stay float32)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="time budget: stop when spent, fitting the LR schedule to the steps that fit")
     p.add_argument("--out", default="fam-adapter.safetensors", help="the adapter file to write")
@@ -81,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           sink_tokens=args.sink_tokens, rsp_prob=args.rsp_prob,
                           checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
                           device=args.device, grad_checkpoint=not args.no_grad_checkpoint,
-                          max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+                          max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+                          precision=args.precision)
         result = train(cfg, progress=sys.stderr.isatty())
     except (FamserveError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

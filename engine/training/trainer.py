@@ -41,7 +41,7 @@ class FamTrainer:
     def __init__(self, model: FamModel, fam: FamConfig, params: dict[str, nn.Parameter],
                  fam_prompt: nn.Parameter | None, *, lr: float, total_steps: int, warmup_steps: int = 0,
                  schedule: str = "cosine", weight_decay: float = 0.0, rsp_prob: float = 0.8, grad_clip: float = 1.0,
-                 checkpoint_layers: bool = True, seed: int = 0):
+                 checkpoint_layers: bool = True, seed: int = 0, autocast_bf16: bool = False):
         if fam.num_fam_rows and fam_prompt is None:
             raise ValueError("fam_prompt: fam mode trains a FAM prompt; pass one")
         if schedule not in ("cosine", "constant"):
@@ -49,6 +49,7 @@ class FamTrainer:
         self.model, self.fam, self.fam_prompt = model, fam, fam_prompt
         self.params = params
         self.rsp_prob, self.grad_clip, self.checkpoint_layers = rsp_prob, grad_clip, checkpoint_layers
+        self.autocast_bf16 = autocast_bf16  # forward in bf16 (weights, optimizer and FAM carry stay float32)
         self.optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
         self.total_steps = total_steps  # may shrink during a run with a time budget (train, max_seconds)
 
@@ -83,9 +84,11 @@ class FamTrainer:
         device = self.model.device
         tokens, labels = tokens.to(device), labels.to(device)
         start, fresh = self.start_fam(tokens.shape[0])
-        out = forward_sequence(self.model, self.fam, tokens, start_fam=start, fresh=fresh,
-                               checkpoint=self.checkpoint_layers)
-        loss, predictions = masked_loss(self.model, out.hidden, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            out = forward_sequence(self.model, self.fam, tokens, start_fam=start, fresh=fresh,
+                                   checkpoint=self.checkpoint_layers)
+            loss, predictions = masked_loss(self.model, out.hidden, labels)
+        loss = loss.float()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:
@@ -93,7 +96,7 @@ class FamTrainer:
         self.optimizer.step()
         self.scheduler.step()
         if out.num_fam_updates:  # a sequence shorter than a block leaves FAM_0 (fresh): nothing new to carry
-            self.carried = out.fam.detach()
+            self.carried = out.fam.detach().float()
         self.step_count += 1
         accuracy = (predictions == labels[labels != -100]).float().mean().item()
         return StepResult(loss.item(), accuracy, tokens.numel(), time.perf_counter() - started)
@@ -154,6 +157,7 @@ class TrainConfig:
     device: str = "cpu"
     grad_checkpoint: bool = True  # recompute each layer in the backward pass (memory per layer, ~1.3x compute)
     max_seconds: float | None = None  # time budget: stop when spent; the LR schedule is fitted to it (see train)
+    precision: str = "float32"  # "bfloat16": autocast the forward pass to bf16 (GPUs; float32 master weights)
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "batch_size", "lora_rank", "fam_length"):
@@ -167,6 +171,8 @@ class TrainConfig:
             raise ValueError(f"lr: must be positive, got {self.lr}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds: must be positive, got {self.max_seconds}")
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision: {self.precision!r} is not one of float32, bfloat16")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         if not self.data and not self.passkey:
@@ -217,7 +223,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     params["fam_prompt"] = prompt
     trainer = FamTrainer(model, fam, params, prompt, lr=cfg.lr, total_steps=cfg.steps,
                          warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, rsp_prob=cfg.rsp_prob,
-                         grad_clip=cfg.grad_clip, checkpoint_layers=cfg.grad_checkpoint, seed=cfg.seed)
+                         grad_clip=cfg.grad_clip, checkpoint_layers=cfg.grad_checkpoint, seed=cfg.seed,
+                         autocast_bf16=cfg.precision == "bfloat16")
     batches = _batch_source(cfg, tokenizer)
     adapter_path, ckpt_path, log_path = cfg.paths()
     if cfg.resume:

@@ -130,3 +130,17 @@ def test_adapter_used_away_from_its_training_shape_warns(tiny_llama_dir, tmp_pat
         load_model(tiny_llama_dir, FamConfig(block_size=32, memory_blocks=1, sink_tokens=2),
                    adapter_path=result.adapter_path)
     assert any("trained with L=16 M=1 S=2, running with L=32 M=1 S=2" in r.getMessage() for r in caplog.records)
+
+
+def test_bf16_autocast_trains_close_to_float32(tiny_llama_dir, tmp_path):
+    """--precision bfloat16 (meant for GPUs; autocast works on the CPU too): the same first-step loss within bf16's
+    precision, finite losses after, and float32 trainable tensors in the adapter."""
+    runs = {p: train(config(tiny_llama_dir, tmp_path / p, steps=3, precision=p), progress=False)
+            for p in ("float32", "bfloat16")}
+    logs = {p: [json.loads(line)["loss"] for line in (tmp_path / p / "adapter.log.jsonl").read_text().splitlines()]
+            for p in runs}
+    assert logs["bfloat16"][0] == pytest.approx(logs["float32"][0], rel=0.03)
+    assert logs["bfloat16"][0] != logs["float32"][0]  # autocast did run in bf16
+    assert all(loss == loss and loss < 20 for loss in logs["bfloat16"])
+    adapter = torch.load(runs["bfloat16"].checkpoint_path, weights_only=True)["trainer"]["params"]
+    assert all(t.dtype == torch.float32 for t in adapter.values())
