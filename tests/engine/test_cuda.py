@@ -79,14 +79,15 @@ def test_training_forward_on_cuda_equals_the_engine(tiny_llama_dir):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
-def test_train_command_runs_on_cuda(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_train_command_runs_on_cuda(tiny_llama_dir, tmp_path, precision):
     from famserve.engine.training.trainer import TrainConfig, train
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. Hello world!\n" * 40)
     cfg = TrainConfig(model=str(tiny_llama_dir), out=str(tmp_path / "a.safetensors"), data=(str(corpus),),
                       passkey=True, steps=3, seq_len=200, batch_size=2, lora_rank=2, fam_length=4, block_size=16,
-                      memory_blocks=1, sink_tokens=2, device="cuda")
+                      memory_blocks=1, sink_tokens=2, device="cuda", precision=precision)
     result = train(cfg, progress=False)
     assert result.steps == 3 and result.last_loss == result.last_loss  # finite, not NaN
     loaded = load_model(tiny_llama_dir, FamConfig(block_size=16, memory_blocks=1, sink_tokens=2),
