@@ -132,19 +132,20 @@ class ContentPartEvent(ResponseStreamEvent):
     part: OutputText
 
 
-class OutputTextDeltaEvent(ResponseStreamEvent):
+class _OutputTextEvent(ResponseStreamEvent):
+    """Fields every output-text event carries: where the text goes, and (empty) logprobs."""
+
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    logprobs: list = Field(default_factory=list)
+
+
+class OutputTextDeltaEvent(_OutputTextEvent):
     type: Literal["response.output_text.delta"] = "response.output_text.delta"
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     delta: str
-    logprobs: list = Field(default_factory=list)
 
 
-class OutputTextDoneEvent(ResponseStreamEvent):
+class OutputTextDoneEvent(_OutputTextEvent):
     type: Literal["response.output_text.done"] = "response.output_text.done"
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     text: str
-    logprobs: list = Field(default_factory=list)
