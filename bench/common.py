@@ -64,6 +64,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": git_commit(),
+        "load_average_1_5_15m": list(os.getloadavg()),  # other work on a shared machine skews timings
     }
 
 
@@ -74,6 +75,14 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident set size of this process image: VmHWM, which (unlike ru_maxrss) starts afresh at exec, so a
+    child process does not report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
 
 

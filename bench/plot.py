@@ -1,0 +1,163 @@
+"""PNG figures for docs/benchmarks.md from the benchmarks' JSON files; each benchmark calls this at its end, and it
+re-plots saved results on its own:
+
+    python bench/plot.py bench/results/engine_speed.json bench/results/quality.json --out-dir docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+LABELS = {"bswa": "famserve BSWA", "fam": "famserve FAM", "full": "famserve full", "hf": "HF transformers",
+          "llamacpp": "llama.cpp"}
+MIB = 2**20
+
+
+def _subtitle(payload: dict[str, Any]) -> str:
+    m = payload["machine"]
+    args = payload.get("args", {})
+    return (f"{m['device_name']}, {m.get('torch_threads')} threads, {args.get('dtype', '')}, "
+            f"{m['date_utc'][:10]}, commit {m.get('git_commit')}")
+
+
+def _series(results: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
+    return sorted((r for r in results if r["system"] == system and "skipped" not in r),
+                  key=lambda r: r["context_tokens"])
+
+
+def _tokens(n: float, _pos: Any = None) -> str:
+    """1024 -> 1k, 1048576 -> 1M."""
+    for unit, name in ((2**20, "M"), (2**10, "k")):
+        if n >= unit:
+            return f"{n / unit:g}{name}"
+    return f"{n:g}"
+
+
+def _xaxis(ax: Any) -> None:
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tokens))
+    ax.set_xlabel("context, tokens")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def engine_speed(payload: dict[str, Any], out_dir: Path, prefix: str = "bench") -> list[Path]:
+    """PREFIX_speed.png (prefill and decode tok/s against context) and PREFIX_memory.png (state bytes and RSS)."""
+    results = payload["results"]
+    systems = list(dict.fromkeys(r["system"] for r in results))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, what in zip(axes, ("prefill", "decode")):
+        for system in systems:
+            rows = _series(results, system)
+            if not rows:
+                continue
+            x = [r["context_tokens"] for r in rows]
+            med = [r[f"{what}_tok_s"]["median"] for r in rows]
+            low = [m - r[f"{what}_tok_s"]["min"] for m, r in zip(med, rows)]
+            high = [r[f"{what}_tok_s"]["max"] - m for m, r in zip(med, rows)]
+            ax.errorbar(x, med, yerr=[low, high], marker="o", capsize=3, label=LABELS.get(system, system))
+        _xaxis(ax)
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{what} tokens/s (median, bars: min-max)")
+        ax.set_title(f"{what} speed")
+    axes[0].legend()
+    fig.suptitle(_subtitle(payload), fontsize=9)
+    fig.tight_layout()
+    written.append(out_dir / f"{prefix}_speed.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for system in systems:
+        rows = _series(results, system)
+        if not rows:
+            continue
+        x = [r["context_tokens"] for r in rows]
+        axes[0].plot(x, [r["state_nbytes"] / MIB for r in rows], marker="o", label=LABELS.get(system, system))
+        axes[1].plot(x, [r["rss_bytes"] / MIB for r in rows], marker="o", label=LABELS.get(system, system))
+    for ax, title in zip(axes, ("attention state per stream, MiB", "process RSS after the context, MiB")):
+        _xaxis(ax)
+        ax.set_yscale("log")
+        ax.set_title(title)
+    axes[0].legend()
+    fig.suptitle(_subtitle(payload), fontsize=9)
+    fig.tight_layout()
+    written.append(out_dir / f"{prefix}_memory.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+def quality(payload: dict[str, Any], out_dir: Path, prefix: str = "bench") -> list[Path]:
+    """PREFIX_passkey.png (accuracy against prompt length per mode) and PREFIX_perplexity.png (per mode)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    passkey = payload.get("passkey") or []
+    if passkey:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label in dict.fromkeys(r["label"] for r in passkey):
+            rows = sorted((r for r in passkey if r["label"] == label and "skipped" not in r),
+                          key=lambda r: r["num_tokens"])
+            if rows:
+                ax.plot([r["num_tokens"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+        _xaxis(ax)
+        ax.set_xlabel("prompt length, tokens")
+        ax.set_ylabel("PassKey accuracy")
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=8)
+        ax.set_title(f"PassKey retrieval ({_subtitle(payload)})", fontsize=8)
+        fig.tight_layout()
+        written.append(out_dir / f"{prefix}_passkey.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    ppl = [r for r in payload.get("perplexity") or [] if "skipped" not in r]
+    if ppl:
+        labels = list(dict.fromkeys(r["label"] for r in ppl))
+        texts = list(dict.fromkeys(r["text"] for r in ppl))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        width = 0.8 / max(1, len(labels))
+        for i, label in enumerate(labels):
+            rows = {r["text"]: r for r in ppl if r["label"] == label}
+            xs = [j + i * width for j in range(len(texts))]
+            axes[0].bar(xs, [rows[t]["perplexity"] if t in rows else 0 for t in texts], width, label=label)
+            axes[1].bar(xs, [rows[t]["accuracy"] if t in rows else 0 for t in texts], width, label=label)
+        for ax, title in zip(axes, ("perplexity (lower is better)", "next-token accuracy (higher is better)")):
+            ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(texts))], texts, fontsize=8)
+            ax.set_title(title)
+            ax.grid(True, axis="y", alpha=0.3)
+        axes[0].set_yscale("log")
+        axes[1].legend(fontsize=8)
+        fig.suptitle(_subtitle(payload), fontsize=9)
+        fig.tight_layout()
+        written.append(out_dir / f"{prefix}_perplexity.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", help="JSON files written by bench/engine_speed.py or bench/quality.py")
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent.parent / "docs"))
+    p.add_argument("--prefix", default="bench")
+    args = p.parse_args(argv)
+    for path in args.results:
+        payload = json.loads(Path(path).read_text())
+        plotter = {"engine_speed": engine_speed, "quality": quality}[payload["benchmark"]]
+        for png in plotter(payload, Path(args.out_dir), args.prefix):
+            print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()
