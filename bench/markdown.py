@@ -95,7 +95,9 @@ def quality(payload: dict[str, Any]) -> str:
            f"M={payload['window']['memory_blocks']} S={payload['window']['sink_tokens']}", ""]
     ppl = [r for r in payload.get("perplexity") or [] if "skipped" not in r]
     if ppl:
-        out += ["**Perplexity / next-token accuracy** over whole books:", ""]
+        limit = payload.get("args", {}).get("max_tokens")
+        span = f"the first {limit:,} tokens of each book" if limit else "whole books"
+        out += [f"**Perplexity / next-token accuracy** over {span}:", ""]
         texts = list(dict.fromkeys(r["text"] for r in ppl))
         labels = list(dict.fromkeys(r["label"] for r in ppl))
         cell = {(r["label"], r["text"]): r for r in ppl}

@@ -97,7 +97,7 @@ def window_config(args: argparse.Namespace) -> tuple[int, int, int]:
     else the engine's defaults."""
     default = FamConfig()
     trained = FamAdapter.load(args.fam_adapter) if args.fam_adapter else None
-    pick = lambda flag, field: flag if flag is not None else getattr(trained or default, field)  # noqa: E731
+    pick = lambda flag, field: flag if flag is not None else getattr(trained or default, field)
     return (pick(args.block_size, "block_size"), pick(args.memory_blocks, "memory_blocks"),
             pick(args.sink_tokens, "sink_tokens"))
 
