@@ -118,3 +118,15 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def start(args: Any) -> dict[str, Any]:
+    """What every benchmark does first: quiet logging, the requested torch threads; returns machine_info."""
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return machine_info(args.device)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import roofline
-from common import machine_info, peak_rss_bytes, print_table, rss_bytes, spread, write_json
+from common import peak_rss_bytes, print_table, rss_bytes, spread, start, write_json
 from famserve.engine.build import DTYPES, LoadedModel, load_model
 from famserve.engine.config import EngineConfig, FamConfig
 from famserve.engine.loader import resolve_model_path
@@ -629,10 +629,7 @@ NOTES = ["prefill: from an empty stream to the context, last-token logits + argm
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    machine = machine_info(args.device)
+    machine = start(args)
     if args.child:
         results = run_system(args.systems[0], args)
         machine["peak_rss_bytes"] = peak_rss_bytes()

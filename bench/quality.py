@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as fn
 
-from common import machine_info, print_table, write_json
+from common import print_table, start, write_json
 from famserve.engine.adapter import FamAdapter
 from famserve.engine.build import DTYPES, LoadedModel, load_model
 from famserve.engine.config import EngineConfig, FamConfig
@@ -218,10 +217,7 @@ NOTES = ["perplexity/accuracy: one engine stream per book and mode (evaluate.per
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    machine = machine_info(args.device)
+    machine = start(args)
     books = [] if args.skip_perplexity else find_books(args)
     block, memory, sinks = window_config(args)
     print(f"{machine['device_name']}, {machine['torch_threads']} threads, {args.dtype}; modes {args.modes}; "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from common import machine_info, peak_rss_bytes, print_table, write_json
+from common import peak_rss_bytes, print_table, start, write_json
 from famserve.engine.build import DTYPES, load_model
 from famserve.engine.config import MODES, EngineConfig, FamConfig, ModelConfig, RopeScaling
 from famserve.engine.engine import GenerationRequest, LLMEngine, RequestOutput
@@ -161,10 +160,7 @@ def report(results: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    machine = machine_info(args.device)
+    machine = start(args)
     t0 = time.perf_counter()
     model, description = build_model(args)
     print(f"{description} ({args.mode}, {args.dtype}) on {machine['device_name']}, torch {machine['torch_version']}, "
