@@ -68,7 +68,7 @@ class FamAdapter:
                    float(meta.get("lora_scale", 1.0)))
 
     def check_compatible(self, model: ModelConfig, fam: FamConfig) -> None:
-        if self.base_fingerprint != model.fingerprint():
+        if not model.matches_fingerprint(self.base_fingerprint):
             raise CheckpointError(f"FAM adapter was trained for {self.base_model_id!r} (a different architecture); "
                                   "it cannot be used with this model")
         if self.fam_prompt.shape[1] != model.hidden_size:

@@ -31,6 +31,14 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192  # llama3 only
 
 
+# ModelConfig fields that name the tokenizer's special tokens rather than describe the network.
+_TOKENIZER_FIELDS = ("bos_token_id", "eos_token_ids")
+
+
+def _short_hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a Llama-family decoder, read from an HF config.json or GGUF metadata."""
@@ -110,8 +118,17 @@ class ModelConfig:
         )
 
     def fingerprint(self) -> str:
-        """A short hash of the shape; saved states and adapters record it to refuse a different model."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """A short hash of the network's shape; saved states and adapters record it to refuse a different model.
+        The special-token ids are left out: they belong to the tokenizer, and tokenizer libraries disagree about
+        them (transformers 5.17 and 5.24 read different eos ids from the same GGUF file), which must not make a
+        state or an adapter unloadable on another machine."""
+        network = {k: v for k, v in asdict(self).items() if k not in _TOKENIZER_FIELDS}
+        return _short_hash(network)
+
+    def matches_fingerprint(self, fingerprint: str) -> bool:
+        """True for this model's fingerprint, and for the one famserve recorded before the special-token ids were
+        left out (every field hashed), so states and adapters saved then still load on the same setup."""
+        return fingerprint in (self.fingerprint(), _short_hash(asdict(self)))
 
 
 @dataclass(frozen=True)

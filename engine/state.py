@@ -118,7 +118,7 @@ class FamState:
         if meta.get("format_version") != str(FORMAT_VERSION):
             raise StateFormatError(f"{source}: format version {meta.get('format_version')!r} is not supported "
                                    f"(expected {FORMAT_VERSION})")
-        if meta.get("model_fingerprint") != model.fingerprint():
+        if not model.matches_fingerprint(meta.get("model_fingerprint", "")):
             raise StateMismatchError(f"{source}: saved by model {meta.get('model_id')!r} with a different "
                                      "architecture; it cannot be loaded into this model")
         saved_fam = json.loads(meta.get("fam_config", "{}"))
