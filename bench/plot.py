@@ -146,6 +146,58 @@ def quality(payload: dict[str, Any], out_dir: Path, prefix: str = "bench") -> li
     return written
 
 
+def server_concurrency(payload: dict[str, Any], path: Path) -> Path:
+    """One PNG: aggregate decode tok/s (median, bars min-max) and inter-token latency p50/p99 against concurrent
+    streams, one line per server (bench/server_concurrency.py)."""
+    results = payload["results"]
+    systems = list(dict.fromkeys(r["system"] for r in results))
+    labels = {"famserve": f"famserve ({payload.get('versions', {}).get('famserve_mode', 'bswa')})",
+              "llamacpp": "llama.cpp server"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for system in systems:
+        rows = sorted((r for r in results if r["system"] == system and r["decode_tok_s"]), key=lambda r: r["streams"])
+        if not rows:
+            continue
+        x = [r["streams"] for r in rows]
+        med = [r["decode_tok_s"]["median"] for r in rows]
+        low = [m - r["decode_tok_s"]["min"] for m, r in zip(med, rows)]
+        high = [r["decode_tok_s"]["max"] - m for m, r in zip(med, rows)]
+        line = axes[0].errorbar(x, med, yerr=[low, high], marker="o", capsize=3,
+                                label=f"{labels.get(system, system)}, from the first stream's first token")
+        color = line[0].get_color()
+        steady = [r for r in rows if r.get("steady_tok_s")]
+        if steady:
+            axes[0].plot([r["streams"] for r in steady], [r["steady_tok_s"]["median"] for r in steady], marker="^",
+                         linestyle="--", color=color,
+                         label=f"{labels.get(system, system)}, steady (every stream decoding)")
+        axes[1].plot(x, [r["itl_p50_s"] * 1e3 for r in rows], marker="o", color=color,
+                     label=f"{labels.get(system, system)} p50")
+        axes[1].plot(x, [r["itl_p99_s"] * 1e3 for r in rows], marker="^", linestyle="--", color=color,
+                     label=f"{labels.get(system, system)} p99")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda n, _pos: f"{n:g}"))
+        ax.set_xlabel("concurrent streams")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylim(bottom=0)
+    axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axes[0].set_ylabel("aggregate decode tokens/s (median; bars: min-max)")
+    axes[0].set_title("aggregate decode throughput")
+    axes[1].set_ylabel("inter-token latency, ms")
+    axes[1].set_title("inter-token latency (pooled over streams)")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    a = payload.get("args", {})
+    fig.suptitle(f"{_subtitle(payload)}; {a.get('prompt_tokens')} prompt + {a.get('max_tokens')} generated tokens "
+                 "per stream, over HTTP", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="JSON files written by bench/engine_speed.py or bench/quality.py")
@@ -154,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     for path in args.results:
         payload = json.loads(Path(path).read_text())
+        if payload["benchmark"] == "server_concurrency":
+            print(f"wrote {server_concurrency(payload, Path(args.out_dir) / f'{args.prefix}_concurrency.png')}")
+            continue
         plotter = {"engine_speed": engine_speed, "quality": quality}[payload["benchmark"]]
         for png in plotter(payload, Path(args.out_dir), args.prefix):
             print(f"wrote {png}")
