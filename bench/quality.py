@@ -16,7 +16,6 @@ to that length. Next-token accuracy is the share of positions whose argmax is th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -24,14 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as fn
 
 from common import print_table, start, write_json
 from famserve.engine.adapter import FamAdapter
 from famserve.engine.build import DTYPES, LoadedModel, load_model
 from famserve.engine.config import EngineConfig, FamConfig
 from famserve.engine.model import FamModel
-from famserve.engine.runner import ModelRunner
 from famserve.engine.training import evaluate
 from famserve.engine.training.data import iter_text_tokens
 
@@ -114,24 +111,9 @@ def load(label: str, args: argparse.Namespace, full_context: int) -> LoadedModel
 
 
 def score(model: FamModel, pieces: Iterable[Sequence[int]], chunk_tokens: int) -> dict[str, float]:
-    """Summed NLL (nats), tokens predicted and argmax hits of one stream. Uses evaluate.perplexity, and its hit count
-    once PerplexityResult has `num_correct`; until then the same loop here, adding the hits."""
-    if "num_correct" in {f.name for f in dataclasses.fields(evaluate.PerplexityResult)}:
-        r = evaluate.perplexity(model, pieces, chunk_tokens)
-        return {"nll_sum": r.nll * r.num_tokens, "num_tokens": r.num_tokens, "num_correct": r.num_correct}
-    runner, state = ModelRunner(model, max_step_tokens=chunk_tokens), model.new_state()
-    total, count, correct, previous = 0.0, 0, 0, None  # previous: the last logits row (1, V) of the last chunk
-    with torch.no_grad():
-        for chunk in evaluate._rechunk(pieces, chunk_tokens, None):
-            ids = torch.tensor(chunk, dtype=torch.int64)
-            logits = runner.prefill(state, [ids], all_logits=True)  # (t, V)
-            predicted = logits[:-1] if previous is None else torch.cat([previous, logits[:-1]])
-            targets = (ids[1:] if previous is None else ids).to(logits.device)
-            total += float(fn.cross_entropy(predicted.double(), targets, reduction="sum"))
-            correct += int((predicted.argmax(-1) == targets).sum())
-            count += targets.numel()
-            previous = logits[-1:]
-    return {"nll_sum": total, "num_tokens": count, "num_correct": correct}
+    """Summed NLL (nats), tokens predicted and argmax hits of one stream (evaluate.perplexity)."""
+    r = evaluate.perplexity(model, pieces, chunk_tokens)
+    return {"nll_sum": r.nll * r.num_tokens, "num_tokens": r.num_tokens, "num_correct": r.num_correct}
 
 
 def book_tokens(path: Path, lm: LoadedModel) -> list[int]:

@@ -129,8 +129,8 @@ async def _start_engine(app: FastAPI, settings: Settings, loaded: LoadedModel | 
                                             SessionLimits(settings.session_memory_bytes,
                                                           settings.snapshot_every_tokens))
         app.state.service = GenerationService(engine, loaded, eos, settings, app.state.metrics)
-        log.info("ready: serving %s as %r, attention mode %s", loaded.model_id, app.state.service.model_name,
-                 app.state.service.mode)
+        log.info("ready: serving %s as %r, attention mode %s, FAM adapter %s", loaded.model_id,
+                 app.state.service.model_name, app.state.service.mode, settings.fam_adapter or "none")
     except Exception as exc:
         app.state.load_error = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, (FamserveError, ValueError, OSError)):

@@ -82,6 +82,7 @@ class GenerationService:
         self.tokenizer = loaded.tokenizer
         self.model_name = settings.served_model_name or loaded.model_id
         self.mode = loaded.model.fam_config.describe()
+        self.fam_adapter = settings.fam_adapter.name if settings.fam_adapter else None  # file name, for /v1/models
         self.vocab_size = loaded.model.config.vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.settings = settings

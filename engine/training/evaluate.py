@@ -26,10 +26,16 @@ class PerplexityResult:
     num_tokens: int  # tokens predicted (all but the first)
     nll: float  # mean negative log-likelihood, nats per token
     seconds: float
+    num_correct: int = 0  # predictions whose argmax is the next token
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll)
+
+    @property
+    def accuracy(self) -> float:
+        """Next-token accuracy: the share of predicted positions whose argmax is the next token."""
+        return self.num_correct / self.num_tokens if self.num_tokens else 0.0
 
 
 def _rechunk(pieces: Iterable[Sequence[int]], chunk_tokens: int, max_tokens: int | None) -> Iterator[list[int]]:
@@ -53,21 +59,24 @@ def _rechunk(pieces: Iterable[Sequence[int]], chunk_tokens: int, max_tokens: int
 @torch.no_grad()
 def perplexity(model: FamModel, pieces: Iterable[Sequence[int]], chunk_tokens: int = 512,
                max_tokens: int | None = None) -> PerplexityResult:
-    """Perplexity of one token stream (given as pieces of any size) read by one engine stream, chunk by chunk:
-    only one chunk's logits exist at a time, and the state has its constant size, whatever the length."""
+    """Perplexity and next-token accuracy of one token stream (given as pieces of any size) read by one engine
+    stream, chunk by chunk: only one chunk's logits exist at a time, and the state has its constant size, whatever
+    the length."""
     runner, state = ModelRunner(model, max_step_tokens=chunk_tokens), model.new_state()
-    started, total, count, previous = time.perf_counter(), 0.0, 0, None  # previous: last logits row (1, V)
+    started, total, count, correct = time.perf_counter(), 0.0, 0, 0
+    previous = None  # the last logits row (1, V) of the previous chunk
     for chunk in _rechunk(pieces, chunk_tokens, max_tokens):
         ids = torch.tensor(chunk, dtype=torch.int64)
         logits = runner.prefill(state, [ids], all_logits=True)  # (t, V)
         predicted = logits[:-1] if previous is None else torch.cat([previous, logits[:-1]])
-        targets = ids[1:] if previous is None else ids
-        total += float(fn.cross_entropy(predicted.double(), targets.to(logits.device), reduction="sum"))
+        targets = (ids[1:] if previous is None else ids).to(logits.device)
+        total += float(fn.cross_entropy(predicted.double(), targets, reduction="sum"))
+        correct += int((predicted.argmax(-1) == targets).sum())
         count += targets.numel()
         previous = logits[-1:]
     if count == 0:
         raise ValueError("text: fewer than 2 tokens to evaluate")
-    return PerplexityResult(model.fam_config.describe(), count, total / count, time.perf_counter() - started)
+    return PerplexityResult(model.fam_config.describe(), count, total / count, time.perf_counter() - started, correct)
 
 
 @dataclass

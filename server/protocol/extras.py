@@ -10,12 +10,19 @@ from .base import FamserveInfo, OpenAIBaseModel, TokenId, invalid
 from .chat import ChatMessage
 
 
+class ModelFamserveInfo(FamserveInfo):
+    """famserve extension on a model card: the attention mode and the FAM adapter merged into the weights."""
+
+    fam_adapter: str | None = Field(None, description="file name of the trained FAM adapter merged into the model "
+                                                       "(--fam-adapter); null when none is loaded")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "famserve"
-    famserve: FamserveInfo
+    famserve: ModelFamserveInfo
 
 
 class ModelList(BaseModel):

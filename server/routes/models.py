@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from famserve.server.generation import GenerationService
-from famserve.server.protocol import FamserveInfo, ModelCard, ModelList
+from famserve.server.protocol import ModelCard, ModelList
+from famserve.server.protocol.extras import ModelFamserveInfo
 
 from . import ERROR_RESPONSES, Service
 
@@ -14,7 +15,7 @@ router = APIRouter(tags=["OpenAI"])
 
 def _card(request: Request, service: GenerationService) -> ModelCard:
     return ModelCard(id=service.model_name, created=request.app.state.started_at,
-                     famserve=FamserveInfo(mode=service.mode))
+                     famserve=ModelFamserveInfo(mode=service.mode, fam_adapter=service.fam_adapter))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
