@@ -1,4 +1,4 @@
-"""The `famserve train` and `famserve eval passkey|perplexity` subcommands: argument parsers and the thin
+"""The `famserve train` and `famserve eval passkey|perplexity|chat` subcommands: argument parsers and the thin
 functions that turn arguments into a TrainConfig or an evaluation, print a table and write JSON. server/cli.py
 registers them with add_train_parser(sub) and add_eval_parser(sub)."""
 
@@ -45,6 +45,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--data", nargs="*", default=[], metavar="FILE", help="text files (UTF-8)")
     p.add_argument("--passkey", action="store_true", help="train on PassKey prompts (filler from --data if given)")
     p.add_argument("--passkey-fraction", type=float, default=0.5, help="share of PassKey batches when both")
+    p.add_argument("--passkey-start-step", type=int, default=0, metavar="N",
+                   help="curriculum: text only for the first N steps, then PassKey mixed in (needs --data)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, default=1)
@@ -75,7 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     try:
         cfg = TrainConfig(model=args.model, out=args.out, data=tuple(args.data), passkey=args.passkey,
-                          passkey_fraction=args.passkey_fraction, steps=args.steps, seq_len=args.seq_len,
+                          passkey_fraction=args.passkey_fraction, passkey_start_step=args.passkey_start_step,
+                          steps=args.steps, seq_len=args.seq_len,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                           lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                           lora_targets=tuple(args.lora_targets or ALL_TARGETS),
@@ -97,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --- famserve eval -----------------------------------------------------------------------------------------------
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    ev = subparsers.add_parser("eval", help="evaluate a model: passkey retrieval or perplexity")
+    ev = subparsers.add_parser("eval", help="evaluate a model: passkey retrieval, perplexity or chat answers")
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
     pk = sub.add_parser("passkey", help="PassKey retrieval accuracy at several prompt lengths (paper D.1)")
@@ -117,6 +120,17 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     ppl.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     ppl.add_argument("--out", default="eval-perplexity.json", help="JSON results file")
     ppl.set_defaults(func=cmd_eval_perplexity)
+
+    chat = sub.add_parser("chat", help="a fixed set of chat prompts with checkable answers, answered greedily")
+    _add_eval_model_args(chat)
+    chat.add_argument("--sets", type=_csv, default=["short", "document", "recall"],
+                      help="comma-separated: short (questions alone), document (asked after a long first message), "
+                           "recall (a fact at the start of a long message, asked at its end)")
+    chat.add_argument("--document-tokens", type=int, default=2500, help="length of the long message's text")
+    chat.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit")
+    chat.add_argument("--batch-size", type=int, default=8, help="prompts prefilled and decoded together")
+    chat.add_argument("--out", default="eval-chat.json", help="JSON results file")
+    chat.set_defaults(func=cmd_eval_chat)
     return ev
 
 
@@ -175,13 +189,51 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
             loaded = _load(args, mode)
             r = perplexity(loaded.model, iter_text_tokens(args.text, loaded.tokenizer), args.chunk_tokens,
                            args.max_tokens)
-            rows.append([r.mode, str(r.num_tokens), f"{r.perplexity:.2f}", f"{r.num_tokens / r.seconds:.0f}"])
+            rows.append([r.mode, str(r.num_tokens), f"{r.perplexity:.2f}", f"{r.accuracy:.1%}",
+                         f"{r.num_tokens / r.seconds:.0f}"])
             payload["results"].append({"mode": r.mode, "num_tokens": r.num_tokens, "nll": r.nll,
-                                       "perplexity": r.perplexity, "seconds": r.seconds})
+                                       "perplexity": r.perplexity, "num_correct": r.num_correct,
+                                       "accuracy": r.accuracy, "seconds": r.seconds})
     except (FamserveError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _print_table(f"Perplexity, {args.model}", ["mode", "tokens", "perplexity", "tok/s"], rows)
+    _print_table(f"Perplexity, {args.model}", ["mode", "tokens", "perplexity", "accuracy", "tok/s"], rows)
+    _write_json(args.out, payload)
+    return 0
+
+
+def cmd_eval_chat(args: argparse.Namespace) -> int:
+    from famserve.engine.errors import FamserveError
+    from famserve.engine.training.chat_eval import SETS, chat_eval, document_text
+
+    _set_threads(args.threads)
+    unknown = [s for s in args.sets if s not in SETS]
+    if unknown:
+        print(f"error: --sets: {', '.join(unknown)} not one of {', '.join(SETS)}", file=sys.stderr)
+        return 2
+    rows, payload = [], {"task": "chat", "model": args.model, "adapter": args.fam_adapter,
+                         "document_tokens": args.document_tokens, "max_new_tokens": args.max_new_tokens,
+                         "document": None, "results": []}
+    try:
+        for mode in args.mode:
+            loaded = _load(args, mode)
+            document = payload["document"] = document_text(loaded.tokenizer, args.document_tokens)
+            shown = lambda messages: [{**m, "content": m["content"].replace(document, "{DOCUMENT}")}  # noqa: E731
+                                      for m in messages]
+            for r in chat_eval(loaded.model, loaded.tokenizer, args.sets, args.document_tokens, args.max_new_tokens,
+                               args.batch_size, args.chunk_tokens):
+                rows.append([r.mode, r.set, f"{r.passed}/{r.total}", f"{r.passed / r.total:.0%}",
+                             f"{r.seconds:.0f}"])
+                payload["results"].append({
+                    "mode": r.mode, "set": r.set, "passed": r.passed, "total": r.total, "seconds": r.seconds,
+                    "answers": [{"id": a.case.id, "messages": shown(a.messages), "prompt_tokens": a.prompt_tokens,
+                                 "answer_prefix": a.case.answer_prefix, "expect": list(a.case.expect),
+                                 "max_words": a.case.max_words, "answer": a.answer,
+                                 "passed": a.passed, "reason": a.reason} for a in r.answers]})
+    except (FamserveError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_table(f"Chat answers, {args.model}", ["mode", "set", "passed", "share", "seconds"], rows)
     _write_json(args.out, payload)
     return 0
 

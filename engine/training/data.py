@@ -1,6 +1,7 @@
 """Training batches for `famserve train`: random windows of tokenized text files (next-token loss everywhere) and
-text PassKey examples (loss on the key only), mixed at a fixed ratio. Everything draws from one random.Random whose
-state goes into training checkpoints, so a resumed run sees the batches it would have seen."""
+text PassKey examples (loss on the key only), mixed at a fixed ratio, optionally text only for the first steps.
+Everything draws from one random.Random whose state goes into training checkpoints, so a resumed run sees the
+batches it would have seen."""
 
 from __future__ import annotations
 
@@ -65,18 +66,30 @@ class PassKeyExamples:
 
 class BatchSource:
     """Batches (tokens (B, T), labels (B, T)) from text windows and/or PassKey examples; with both, each batch is
-    PassKey with probability passkey_fraction."""
+    PassKey with probability passkey_fraction, from step passkey_start_step on (a curriculum: text only before it).
+
+    The batch of a step depends only on the random state and that step number (which a resumed run takes from its
+    checkpoint), and the coin is drawn in the text-only steps too, so the first passkey_start_step batches are those
+    of a text-only run with the same seed."""
 
     def __init__(self, batch_size: int, text: TextWindows | None, passkey: PassKeyExamples | None,
-                 passkey_fraction: float, seed: int):
+                 passkey_fraction: float, seed: int, passkey_start_step: int = 0):
         if text is None and passkey is None:
             raise ValueError("training data: give text files (--data) and/or --passkey")
+        if passkey_start_step and (text is None or passkey is None):
+            raise ValueError("passkey_start_step: a curriculum needs both text (--data) and --passkey")
         self.batch_size, self.text, self.passkey = batch_size, text, passkey
         self.passkey_fraction = 1.0 if text is None else (0.0 if passkey is None else passkey_fraction)
+        self.passkey_start_step = passkey_start_step
         self.rng = random.Random(seed)
+        self.last_kind = ""  # "text" or "passkey": what the last batch was
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        source = self.passkey if self.rng.random() < self.passkey_fraction else self.text
+    def next_batch(self, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of 0-based training step `step`."""
+        coin = self.rng.random()
+        use_passkey = step >= self.passkey_start_step and coin < self.passkey_fraction
+        source = self.passkey if use_passkey else self.text
+        self.last_kind = "passkey" if use_passkey else "text"
         pairs = [source.sample(self.rng) for _ in range(self.batch_size)]
         tokens = torch.stack([p[0] for p in pairs])
         labels = torch.stack([p[1] for p in pairs])

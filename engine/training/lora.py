@@ -2,7 +2,17 @@
 prompt as a FamAdapter (engine/adapter.py), which the engine merges into the weights at load time.
 
 A wrapped linear computes base(x) + (x A^T B^T) * alpha / rank with A (r, in), B (out, r); B starts at zero, so a
-freshly wrapped model computes exactly what the base model does. Only A and B (and the FAM prompt) are trained."""
+freshly wrapped model computes exactly what the base model does. Only A and B (and the FAM prompt) are trained.
+
+On a GPU or under autocast it computes that as one matmul with the merged weight W' = W + (B @ A) * alpha / rank,
+formed once and reused until A, B or W change (in-place updates bump their version counters): a training step calls
+each projection once for the tokens and once per block for the FAM rows, then again when checkpointing recomputes
+the layer, and all those calls share one W' (the engine merges an exported adapter the same way). The gradients to
+A and B are the low-rank ones, computed in _MergedLoRA.backward from the call's input and output gradient (autograd
+through W' would form a full (out, in) weight gradient per call). On a GPU that is one kernel per call instead of
+five; under autocast W' is kept in the autocast dtype, where the textbook form casts the frozen W again at every call
+(autocast caches casts only of weights that require grad). On the CPU in float32 the textbook form stays: forming W'
+is a pass over the weights per step that costs about what merging saves (docs/training.md, "Cost on this machine")."""
 
 from __future__ import annotations
 
@@ -35,9 +45,59 @@ class LoRALinear(nn.Module):
         bound = 1 / math.sqrt(base.in_features)  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound
         with torch.no_grad():
             self.lora_a.copy_(torch.rand(self.lora_a.shape, generator=generator) * 2 * bound - bound)
+        self.merge: bool | None = None  # None: merged on a GPU or under autocast; True/False force one form
+        self._merged: torch.Tensor | None = None  # (out, in) W' in the compute dtype
+        self._merged_key: tuple | None = None  # what _merged was formed from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + fn.linear(fn.linear(x, self.lora_a), self.lora_b) * self.scale
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves float64 alone
+        merge = (device == "cuda" or autocast) if self.merge is None else self.merge
+        if not merge or self.base.weight.requires_grad:  # W' carries no gradient to a trained base weight
+            return self.base(x) + fn.linear(fn.linear(x, self.lora_a), self.lora_b) * self.scale
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype  # what autocast's linear would run in
+        weight = self.merged_weight(dtype)
+        bias = None if self.base.bias is None else self.base.bias.to(dtype)
+        if not torch.is_grad_enabled() or not (self.lora_a.requires_grad or self.lora_b.requires_grad):
+            return fn.linear(x.to(dtype), weight, bias)
+        with torch.autocast(device, enabled=False):  # dtypes are settled above; backward runs without autocast
+            return _MergedLoRA.apply(x.to(dtype), weight, bias, self.lora_a, self.lora_b, self.scale)
+
+    def merged_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """(out, in) W + (B @ A) * scale in `dtype`, no autograd history; formed again only when A, B or W changed
+        (the optimizer's in-place step bumps their versions) or another dtype is asked for."""
+        w, a, b = self.base.weight, self.lora_a, self.lora_b
+        key = (dtype, w.data_ptr(), w._version, a.data_ptr(), a._version, b.data_ptr(), b._version)
+        if self._merged_key != key:
+            with torch.no_grad():  # one pass over W (FamAdapter.merge_into forms the same sum)
+                self._merged = torch.addmm(w, b, a, alpha=self.scale).to(dtype)
+            self._merged_key = key
+        return self._merged
+
+
+class _MergedLoRA(torch.autograd.Function):
+    """y = x W'^T + bias with W' = W + (B @ A) * scale already formed (no history); backward returns the gradients
+    of x, A and B of base(x) + (x A^T B^T) * scale. x (..., in), W' (out, in), A (r, in), B (out, r)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        ctx.scale = scale
+        return fn.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a, b = ctx.saved_tensors
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight  # (..., in)
+        rows_x, rows_g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (n, in), (n, out)
+        a_c, b_c = a.to(grad.dtype), b.to(grad.dtype)  # bf16 under autocast, like the unmerged form's matmuls
+        if ctx.needs_input_grad[4]:  # dB = scale * g^T (x A^T)
+            grad_b = (rows_g.t() @ (rows_x @ a_c.t()) * ctx.scale).to(b.dtype)  # (out, r)
+        if ctx.needs_input_grad[3]:  # dA = scale * (g B)^T x
+            grad_a = ((rows_g @ b_c).t() @ rows_x * ctx.scale).to(a.dtype)  # (r, in)
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 def apply_lora(model: FamModel, targets: Iterable[str] = ALL_TARGETS, rank: int = 8, alpha: float = 16.0,

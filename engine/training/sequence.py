@@ -9,10 +9,12 @@ modules and weights. Per layer:
 * the FAM recurrence, looping over the blocks (F rows each): FAM_prev of block i, as queries at b-F..b-1, attends
   to [FAM_prev ; the whole block i] and becomes FAM_prev of block i+1 (zero attention residual in the very first
   update; a partial last block updates nothing). It needs only the layer's token keys/values, so it runs first;
-* then the token rows of all blocks at once: the queries of block i attend to [S sinks re-rotated to w-S..w-1
-  (only when w = b - M*L > 0) | the F FAM_prev rows of block i at b-F..b-1 | the (M+1)*L tokens of its window
-  (memory blocks and its own block, causal)] under one block-structured mask (nb, L, S+F+(M+1)*L). Work and memory
-  are linear in T.
+* then the token rows of all blocks: the queries of block i attend to [S sinks re-rotated to w-S..w-1 (only when
+  w = b - M*L > 0) | the F FAM_prev rows of block i at b-F..b-1 | the tokens of its window from max(w, 0) (memory
+  blocks and its own block, causal)]. Put in that order, every query sees every key before its own block and its
+  block causally: a causal mask aligned to the bottom-right corner, the same for every block, so SDPA runs a fused
+  kernel (no explicit block-structured mask). The blocks whose window has left position 0 (i > M) go in one
+  batched call; the first M+1 blocks (shorter windows, no sinks) one call each. Work and memory are linear in T.
 
 What a training step starts from: a sequence always starts at position 0 with empty memory and its own first S
 tokens as sinks (memory segments and sinks do not carry across steps). Only the FAM may carry over (Random State
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as fn
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from famserve.engine.config import FamConfig
@@ -50,7 +53,7 @@ def default_fam_prompt(model: FamModel, fam_length: int) -> torch.Tensor:
 
 
 class _Plan:
-    """Everything about a forward pass that does not depend on the layer: positions, rotations and the mask."""
+    """Everything about a forward pass that does not depend on the layer: positions and rotations."""
 
     def __init__(self, model: FamModel, fam: FamConfig, batch: int, num_tokens: int, device: torch.device,
                  dtype: torch.dtype):
@@ -68,33 +71,70 @@ class _Plan:
         self.cos, self.sin = cos.repeat(batch, 1), sin.repeat(batch, 1)  # (B*T, D)
         self.S = 0
         if self.is_full:
-            return  # plain causal attention: no blocks, sinks, FAM or mask
+            return  # plain causal attention: no blocks, sinks or FAM
         starts = torch.arange(self.num_blocks, device=device) * self.L  # (nb,) block starts b
-        window_starts = starts - self.M * self.L  # (nb,) w
+        # Blocks 0..M ("head") have windows that start at or before position 0: no sinks, fewer memory tokens.
+        # Blocks M+1.. ("tail") have the full window, w = b - M*L > 0, and the sinks when S > 0.
+        self.num_head = min(self.M + 1, self.num_blocks)
+        self.num_tail = self.num_blocks - self.num_head
         # Sinks: used only by blocks whose window has left position 0; skipped when no block has.
-        self.S = fam.num_sinks if bool((window_starts > 0).any()) else 0
+        self.S = fam.num_sinks if self.num_tail else 0
         if self.S:
-            pos = window_starts[:, None] - self.S + torch.arange(self.S, device=device)  # (nb, S)
-            cos_s, sin_s = rot.cos_sin(pos.flatten(), dtype)  # (nb*S, D)
-            self.sink_cos, self.sink_sin = cos_s.repeat(batch, 1), sin_s.repeat(batch, 1)  # (B*nb*S, D)
+            window_starts = starts[self.num_head:] - self.M * self.L  # (nt,) w of the tail blocks
+            pos = window_starts[:, None] - self.S + torch.arange(self.S, device=device)  # (nt, S)
+            cos_s, sin_s = rot.cos_sin(pos.flatten(), dtype)  # (nt*S, D)
+            self.sink_cos, self.sink_sin = cos_s.repeat(batch, 1), sin_s.repeat(batch, 1)  # (B*nt*S, D)
         if self.F:
             pos = starts[:, None] - self.F + torch.arange(self.F, device=device)  # (nb, F)
             cos_f, sin_f = rot.cos_sin(pos.flatten(), dtype)  # (nb*F, D)
             self.fam_cos = cos_f.view(self.num_blocks, self.F, -1).repeat(1, batch, 1)  # (nb, B*F, D)
             self.fam_sin = sin_f.view(self.num_blocks, self.F, -1).repeat(1, batch, 1)
-        # Mask over [sinks | FAM_prev | window] for the queries of every block: (nb, 1, L, S+F+W).
-        w = (self.M + 1) * self.L
-        query = torch.arange(self.L, device=device)  # offset r in the block
-        key = torch.arange(w, device=device) - self.M * self.L  # key offset relative to the block start
-        window = (key[None, None, :] <= query[None, :, None]) & (starts[:, None, None] + key[None, None, :] >= 0)
-        parts = [(window_starts > 0)[:, None, None].expand(-1, self.L, self.S),
-                 torch.ones(self.num_blocks, self.L, self.F, dtype=torch.bool, device=device), window]
-        self.mask = torch.cat(parts, dim=-1)[:, None]  # (nb, 1, L, S+F+W)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q (..., H, Tq, D); k, v (..., Hkv, Tk, D) -> (..., H, Tq, D)."""
-    return fn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, D), every query seeing every key."""
+    return fn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def _causal_bottom_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         fused_bias: bool | None = None) -> torch.Tensor:
+    """q (N, H, Lq, D); k, v (N, Hkv, Lk, D) with Lk >= Lq -> (N, H, Lq, D): query r sees keys 0..Lk-Lq+r (all keys
+    before the last Lq, then causally), i.e. the queries are the last Lq of the key rows.
+
+    Chosen so that SDPA runs a fused kernel (a per-block mask on 5-D tensors sent it to its math path, which
+    materialises every score). CPU: one (Lq, Lk) boolean mask broadcast over N and the heads, which the CPU flash
+    kernel takes. GPU (fused_bias): torch's bottom-right CausalBias, no mask tensor: SDPA runs flash attention
+    (bf16/fp16, grouped heads as they are) or memory-efficient attention (float32; it needs the key/value heads
+    repeated to H)."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    if lq == lk:
+        return fn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if fused_bias is None:
+        fused_bias = q.device.type == "cuda"
+    if not fused_bias:
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)  # (Lq, Lk)
+        return fn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if torch.is_autocast_enabled(q.device.type):
+        # The bias is a tensor subclass that dispatches before autocast would cast: cast here, as autocast would
+        # (it leaves float64 alone; under bf16 autocast RoPE leaves q and k in float32 while v is bf16).
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t if t.dtype == torch.float64 else t.to(dtype) for t in (q, k, v))
+    if q.shape[1] != k.shape[1] and not _flash_usable(q, k, v):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (N, H, Lk, D)
+    return fn.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lk), enable_gqa=True)
+
+
+def _flash_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether SDPA's CUDA flash kernel takes these inputs (it supports grouped key/value heads; the
+    memory-efficient kernel does not)."""
+    if q.device.type != "cuda":
+        return False
+    try:
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, True)
+        return bool(torch.backends.cuda.can_use_flash_attention(params))
+    except (AttributeError, TypeError, RuntimeError):  # another torch: repeating the heads is always correct
+        return False
 
 
 def _layer_forward(layer: DecoderLayer, plan: _Plan, x: torch.Tensor, fam_in: torch.Tensor | None,
@@ -145,28 +185,39 @@ def _fam_recurrence(layer: DecoderLayer, plan: _Plan, k: torch.Tensor, v: torch.
 
 def _block_attention(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_raw: torch.Tensor,
                      fam_k: torch.Tensor | None, fam_v: torch.Tensor | None) -> torch.Tensor:
-    """Token rows of all blocks at once against [sinks | FAM_prev | window] under the plan's mask.
+    """Token rows of every block against [sinks | FAM_prev | window], causal in the block.
     q (B, T, H, D); k, v, k_raw (B, T, Hkv, D); fam_k, fam_v (B, nb, Hkv, F, D) -> (B, T, H, D)."""
     B, T, H, D = q.shape
-    Hkv, L, M, S, nb = plan.kv_heads, plan.L, plan.M, plan.S, plan.num_blocks
-    pad = nb * L - T
+    Hkv, L, M, S, F, nb = plan.kv_heads, plan.L, plan.M, plan.S, plan.F, plan.num_blocks
+    pad = nb * L - T  # a partial last block: padded rows are queries and keys after every real one (never seen)
     q_blocks = fn.pad(q, (0, 0, 0, 0, 0, pad)).view(B, nb, L, H, D).transpose(2, 3)  # (B, nb, H, L, D)
-
-    def windows(t: torch.Tensor) -> torch.Tensor:  # (B, T, Hkv, D) -> (B, nb, Hkv, W, D), views, no copies
-        padded = fn.pad(t, (0, 0, 0, 0, M * L, pad))  # (B, M*L + nb*L, Hkv, D)
-        return padded.unfold(1, (M + 1) * L, L).transpose(3, 4)
-
-    keys, values = [], []
-    if S:  # the first S tokens' keys, re-rotated for each block's window start
-        sinks = k_raw[:, None, :S].expand(B, nb, S, Hkv, D).reshape(B * nb * S, Hkv, D)
-        keys.append(rotate(sinks, plan.sink_cos, plan.sink_sin).view(B, nb, S, Hkv, D).transpose(2, 3))
-        values.append(v[:, None, :S].expand(B, nb, S, Hkv, D).transpose(2, 3))  # (B, nb, Hkv, S, D)
-    if fam_k is not None:
-        keys.append(fam_k)
-        values.append(fam_v)
-    keys.append(windows(k))
-    values.append(windows(v))
-    out = _attention(q_blocks, torch.cat(keys, dim=3), torch.cat(values, dim=3), plan.mask)  # (B, nb, H, L, D)
+    k_pad = fn.pad(k, (0, 0, 0, 0, 0, pad)).transpose(1, 2)  # (B, Hkv, nb*L, D)
+    v_pad = fn.pad(v, (0, 0, 0, 0, 0, pad)).transpose(1, 2)
+    outs = []
+    for i in range(plan.num_head):  # block i sees [FAM_prev of block i | tokens 0 .. (i+1)*L - 1]
+        keys, values = [k_pad[:, :, :(i + 1) * L]], [v_pad[:, :, :(i + 1) * L]]  # (B, Hkv, (i+1)*L, D)
+        if F:
+            keys.insert(0, fam_k[:, i])  # (B, Hkv, F, D)
+            values.insert(0, fam_v[:, i])
+        outs.append(_causal_bottom_right(q_blocks[:, i], torch.cat(keys, dim=2), torch.cat(values, dim=2)))
+    out = torch.stack(outs, dim=1)  # (B, nh, H, L, D)
+    if plan.num_tail:
+        nt, W = plan.num_tail, (M + 1) * L
+        # Window j of unfold starts at token j*L: the window of block i = j + M; the tail takes j = 1 .. nt.
+        keys = [k_pad.unfold(2, W, L)[:, :, 1:].permute(0, 2, 1, 4, 3)]  # (B, nt, Hkv, W, D), a view
+        values = [v_pad.unfold(2, W, L)[:, :, 1:].permute(0, 2, 1, 4, 3)]
+        if F:
+            keys.insert(0, fam_k[:, plan.num_head:])  # (B, nt, Hkv, F, D)
+            values.insert(0, fam_v[:, plan.num_head:])
+        if S:  # the first S tokens' keys, re-rotated for each tail block's window start
+            sinks = k_raw[:, None, :S].expand(B, nt, S, Hkv, D).reshape(B * nt * S, Hkv, D)
+            keys.insert(0, rotate(sinks, plan.sink_cos, plan.sink_sin).view(B, nt, S, Hkv, D).transpose(2, 3))
+            values.insert(0, v[:, None, :S].expand(B, nt, S, Hkv, D).transpose(2, 3))  # (B, nt, Hkv, S, D)
+        keys = torch.cat(keys, dim=3).reshape(B * nt, Hkv, S + F + W, D)
+        values = torch.cat(values, dim=3).reshape(B * nt, Hkv, S + F + W, D)
+        queries = q_blocks[:, plan.num_head:].reshape(B * nt, H, L, D)
+        tail = _causal_bottom_right(queries, keys, values).view(B, nt, H, L, D)
+        out = torch.cat([out, tail], dim=1)  # (B, nb, H, L, D)
     return out.transpose(2, 3).reshape(B, nb * L, H, D)[:, :T]  # (B, T, H, D)
 
 

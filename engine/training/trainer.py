@@ -1,6 +1,7 @@
 """FAM fine-tuning (paper section 3.1, B.2): `FamTrainer` is one optimisation loop for a FamModel under a FamConfig
 with Random State Passing; `train` is `famserve train`: load a checkpoint, wrap LoRA, learn the FAM prompt P and the
-LoRA deltas on text and/or PassKey data, checkpoint and resume, and write one FamAdapter file.
+LoRA deltas on text and/or PassKey data (optionally text only for the first passkey_start_step steps), checkpoint
+and resume, and write one FamAdapter file.
 
 Gradients flow through memory segments and FAM across the blocks of a training sequence (no stop-gradient), each
 layer recomputed in the backward pass (activation checkpointing). Across steps only the FAM carries (RSP, see
@@ -136,6 +137,7 @@ class TrainConfig:
     data: tuple[str, ...] = ()  # text files
     passkey: bool = False  # train on text PassKey examples (filler from --data when given)
     passkey_fraction: float = 0.5  # with both data kinds: share of PassKey batches
+    passkey_start_step: int = 0  # curriculum: text only before this step, then PassKey mixed in (needs both kinds)
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this count)
     seq_len: int = 1024  # tokens per training sequence
     batch_size: int = 1  # sequences per step
@@ -177,6 +179,10 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         if not self.data and not self.passkey:
             raise ValueError("data: give text files (--data) and/or --passkey")
+        if self.passkey_start_step < 0:
+            raise ValueError(f"passkey_start_step: must be >= 0, got {self.passkey_start_step}")
+        if self.passkey_start_step and not (self.data and self.passkey):
+            raise ValueError("passkey_start_step: a curriculum needs both text (--data) and --passkey")
         FamConfig(mode="fam", block_size=self.block_size, memory_blocks=self.memory_blocks,
                   fam_length=self.fam_length, sink_tokens=self.sink_tokens)  # validates L, M, F, S
 
@@ -242,12 +248,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     first_step, seconds, last = trainer.step_count, 0.0, None
     with _Progress(progress, total=cfg.steps, done=first_step) as bar, open(log_path, "a") as log_file:
         while trainer.step_count < trainer.total_steps:
-            last = trainer.train_step(*batches.next_batch())
+            last = trainer.train_step(*batches.next_batch(trainer.step_count))
             seconds += last.seconds
             if cfg.max_seconds is not None:
                 _fit_schedule(trainer, cfg, seconds, trainer.step_count - first_step, last.seconds)
-            record = {"step": trainer.step_count, "loss": round(last.loss, 5), "accuracy": round(last.accuracy, 4),
-                      "lr": trainer.lr, "seconds": round(last.seconds, 3)}
+            record = {"step": trainer.step_count, "data": batches.last_kind, "loss": round(last.loss, 5),
+                      "accuracy": round(last.accuracy, 4), "lr": trainer.lr, "seconds": round(last.seconds, 3)}
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             bar.update(last, trainer.lr)
@@ -284,7 +290,7 @@ def _batch_source(cfg: TrainConfig, tokenizer):
     ids = [t for piece in iter_text_tokens(cfg.data, tokenizer) for t in piece] if cfg.data else []
     text = TextWindows(ids, cfg.seq_len) if ids else None
     passkey = PassKeyExamples(TextPassKey(tokenizer, ids or None), cfg.seq_len) if cfg.passkey else None
-    return BatchSource(cfg.batch_size, text, passkey, cfg.passkey_fraction, cfg.seed)
+    return BatchSource(cfg.batch_size, text, passkey, cfg.passkey_fraction, cfg.seed, cfg.passkey_start_step)
 
 
 def _config_dict(cfg: TrainConfig) -> dict:

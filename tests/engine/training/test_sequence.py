@@ -1,7 +1,8 @@
 """The differentiable all-at-once model (engine/training/sequence.py) computes what the streaming engine computes:
 logits equal ModelRunner's at 1e-9 in float64 (every mode, sinks, partial last block, a batch of different
 sequences, a carried FAM); gradients reach the FAM prompt and LoRA, and reach past the BSWA receptive field only
-through the FAM."""
+through the FAM. The merged-weight LoRA (lora.py) gives the textbook form's outputs and gradients, and the block
+attention's two kernels (CPU mask, GPU causal bias) agree."""
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ import torch
 from famserve.engine.config import FamConfig, ModelConfig
 from famserve.engine.model import FamModel
 from famserve.engine.runner import ModelRunner
-from famserve.engine.training.lora import apply_lora, lora_modules
-from famserve.engine.training.sequence import forward_sequence, masked_loss, sequence_logits
+from famserve.engine.training.lora import ALL_TARGETS, apply_lora, lora_modules
+from famserve.engine.training.sequence import (_causal_bottom_right, forward_sequence, masked_loss,
+                                               sequence_logits)
 
 ATOL = 1e-9  # float64: any difference is a bug, not rounding
 
@@ -138,3 +140,107 @@ def test_masked_loss_chunks_equal_one_pass():
     torch.testing.assert_close(whole, want, atol=1e-12, rtol=0)
     torch.testing.assert_close(chunked, want, atol=1e-12, rtol=0)
     assert torch.equal(pred_whole, pred_chunked)
+
+
+def _lora_model(seed: int) -> tuple[FamModel, FamConfig, torch.nn.Parameter]:
+    fam_cfg = FamConfig(mode="fam", block_size=6, memory_blocks=1, fam_length=3, sink_tokens=2)
+    model = random_model(tiny_config(attention_bias=True), fam_cfg, seed=seed)
+    apply_lora(model, ALL_TARGETS, rank=3, alpha=6)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():  # B starts at 0 (no gradient to A then): make both live
+            m.lora_b.copy_(0.1 * torch.randn(m.lora_b.shape, generator=g, dtype=torch.float64))
+    return model, fam_cfg, torch.nn.Parameter(torch.randn(3, 32, generator=g, dtype=torch.float64))
+
+
+def _loss_and_grads(model, fam_cfg, prompt, tokens, labels, merge: bool, checkpoint: bool):
+    for m in lora_modules(model).values():
+        m.merge = merge
+    model.zero_grad()
+    prompt.grad = None
+    out = forward_sequence(model, fam_cfg, tokens, fam_prompt=prompt, checkpoint=checkpoint)
+    loss = masked_loss(model, out.hidden, labels)[0]
+    loss.backward()
+    params = [prompt] + [p for m in lora_modules(model).values() for p in (m.lora_a, m.lora_b)]
+    return loss.detach(), out.fam.detach(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpointed"])
+def test_merged_lora_equals_unmerged(checkpoint):
+    """One matmul with W' = W + (B @ A) * scale and the low-rank backward give the three-matmul form's loss, FAM and
+    gradients (to A, B and the prompt, through the FAM recurrence's repeated calls), also after an optimizer step
+    has changed A and B in place (W' is formed again) and under activation checkpointing (recompute reuses W')."""
+    model, fam_cfg, prompt = _lora_model(seed=12)
+    tokens = torch.randint(0, 61, (2, 29), generator=torch.Generator().manual_seed(13))
+    labels = torch.roll(tokens, -1, dims=1)
+    params = [prompt] + [p for m in lora_modules(model).values() for p in (m.lora_a, m.lora_b)]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for step in range(2):
+        plain = _loss_and_grads(model, fam_cfg, prompt, tokens, labels, merge=False, checkpoint=checkpoint)
+        merged = _loss_and_grads(model, fam_cfg, prompt, tokens, labels, merge=True, checkpoint=checkpoint)
+        torch.testing.assert_close(merged[0], plain[0], atol=1e-12, rtol=0)
+        torch.testing.assert_close(merged[1], plain[1], atol=1e-12, rtol=0)
+        for got, want in zip(merged[2], plain[2]):
+            assert want.abs().max() > 0
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        optimizer.step()  # in place: bumps A's and B's versions, so the next forward merges again
+
+
+def test_merged_weight_is_formed_once_per_step():
+    model, fam_cfg, prompt = _lora_model(seed=14)
+    tokens = torch.randint(0, 61, (1, 20), generator=torch.Generator().manual_seed(15))
+    for m in lora_modules(model).values():
+        m.merge = True  # the default merges on GPUs and under autocast only
+    module = lora_modules(model)["model.layers.0.mlp.up_proj"]
+    out = forward_sequence(model, fam_cfg, tokens, fam_prompt=prompt, checkpoint=True)
+    formed = module._merged
+    masked_loss(model, out.hidden, tokens)[0].backward()  # the recompute calls up_proj 1 + 4 more times
+    assert module._merged is formed
+    with torch.no_grad():
+        module.lora_b.add_(1.0)
+    forward_sequence(model, fam_cfg, tokens, fam_prompt=prompt)
+    assert module._merged is not formed
+    want = module.base.weight + (module.lora_b @ module.lora_a) * module.scale
+    torch.testing.assert_close(module._merged, want, atol=1e-14, rtol=0)
+
+
+def test_merged_lora_under_bf16_autocast():
+    """Under autocast W' is cached in bf16 (no per-call cast of the weight); its loss and gradients are as close to
+    float32's as the textbook form's under autocast, and gradients keep the parameters' dtype."""
+    model, fam_cfg, prompt = _lora_model(seed=16)
+    model.to_device("cpu", torch.float32)
+    prompt = torch.nn.Parameter(prompt.detach().float())
+    tokens = torch.randint(0, 61, (2, 25), generator=torch.Generator().manual_seed(17))
+    exact = _loss_and_grads(model, fam_cfg, prompt, tokens, tokens, merge=False, checkpoint=True)
+    runs = {}
+    for merge in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs[merge] = _loss_and_grads(model, fam_cfg, prompt, tokens, tokens, merge=merge, checkpoint=True)
+    assert lora_modules(model)["model.layers.1.self_attn.q_proj"]._merged.dtype == torch.bfloat16
+
+    def worst_cosine(grads):
+        return min(torch.nn.functional.cosine_similarity(g.flatten(), w.flatten(), dim=0) for g, w in
+                   zip(grads, exact[2]))
+
+    assert runs[True][0].item() == pytest.approx(exact[0].item(), rel=1e-2)
+    assert runs[True][0].item() != exact[0].item()  # autocast did run in bf16
+    assert all(g.dtype == torch.float32 for g in runs[True][2])
+    assert worst_cosine(runs[True][2]) > min(0.95, worst_cosine(runs[False][2]) - 0.01)  # measured 0.974, 0.973
+
+
+@pytest.mark.parametrize("lq,lk", [(5, 9), (6, 6), (4, 15)])
+def test_bottom_right_causal_kernels_agree(lq, lk):
+    """The CPU form (one boolean mask) and the GPU form (torch's bottom-right CausalBias, heads repeated for the
+    memory-efficient kernel; on the CPU it materialises a mask) equal masked math attention, gradients included."""
+    g = torch.Generator().manual_seed(lq * lk)
+    q, k, v = (torch.randn(3, h, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+               for h, n in ((4, lq), (2, lk), (2, lk)))
+    mask = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)  # (Lq, Lk)
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8 ** 0.5
+    want = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    for fused_bias in (False, True):
+        got = _causal_bottom_right(q, k, v, fused_bias=fused_bias)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        for g_got, g_want in zip(torch.autograd.grad(got.square().sum(), (q, k, v)), want_grads):
+            torch.testing.assert_close(g_got, g_want, atol=1e-12, rtol=0)
