@@ -33,6 +33,22 @@ def config(tiny_llama_dir, tmp_path, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def interrupt_at_step_3(cfg: TrainConfig, monkeypatch) -> None:
+    """Run cfg until its third step raises KeyboardInterrupt (as Ctrl-C would), leaving its step-2 checkpoint."""
+    real_step, calls = FamTrainer.train_step, []
+
+    def dies_at_step_3(self, tokens, labels):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, tokens, labels)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module.FamTrainer, "train_step", dies_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+
+
 def test_train_writes_an_adapter_the_engine_serves(tiny_llama_dir, tmp_path):
     cfg = config(tiny_llama_dir, tmp_path)
     result = train(cfg, progress=False)
@@ -52,18 +68,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path, m
     whole = train(config(tiny_llama_dir, tmp_path / "whole"), progress=False)
 
     cfg = config(tiny_llama_dir, tmp_path / "cut")
-    real_step, calls = FamTrainer.train_step, []
-
-    def dies_at_step_3(self, tokens, labels):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, tokens, labels)
-
-    monkeypatch.setattr(trainer_module.FamTrainer, "train_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=False)  # checkpointed after step 2
-    monkeypatch.setattr(trainer_module.FamTrainer, "train_step", real_step)
+    interrupt_at_step_3(cfg, monkeypatch)  # checkpointed after step 2
     resumed = train(TrainConfig(**{**cfg.__dict__, "resume": str(cfg.paths()[1])}), progress=False)
 
     assert resumed.steps == 4
@@ -105,18 +110,7 @@ def test_interrupted_curriculum_run_resumes_to_the_same_adapter(tiny_llama_dir, 
     assert [r["data"] for r in whole_log] == ["text", "text", "text", "passkey"]
 
     cfg = config(tiny_llama_dir, tmp_path / "cut", **overrides)
-    real_step, calls = FamTrainer.train_step, []
-
-    def dies_at_step_3(self, tokens, labels):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, tokens, labels)
-
-    monkeypatch.setattr(trainer_module.FamTrainer, "train_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=False)
-    monkeypatch.setattr(trainer_module.FamTrainer, "train_step", real_step)
+    interrupt_at_step_3(cfg, monkeypatch)
     train(TrainConfig(**{**cfg.__dict__, "resume": str(cfg.paths()[1])}), progress=False)
 
     cut_log = [json.loads(line) for line in (tmp_path / "cut" / "adapter.log.jsonl").read_text().splitlines()]
