@@ -69,7 +69,8 @@ class FamAdapter:
 
     def check_compatible(self, model: ModelConfig, fam: FamConfig) -> None:
         if not model.matches_fingerprint(self.base_fingerprint):
-            raise CheckpointError(f"FAM adapter was trained for {self.base_model_id!r} (a different architecture); "
+            raise CheckpointError(f"FAM adapter was trained for {self.base_model_id!r} (a different architecture: "
+                                  f"fingerprint {self.base_fingerprint}, this model's is {model.fingerprint()}); "
                                   "it cannot be used with this model")
         if self.fam_prompt.shape[1] != model.hidden_size:
             raise CheckpointError(f"FAM adapter prompt width {self.fam_prompt.shape[1]} != hidden size "

@@ -47,7 +47,10 @@ def load_model(spec: str | Path, fam: FamConfig | None = None, mode: str | None 
     adapter = FamAdapter.load(adapter_path) if adapter_path else None
     fam = resolve_mode(fam or FamConfig(), mode, adapter is not None)
     if adapter is not None:
-        adapter.check_compatible(ckpt.config, fam)
+        try:
+            adapter.check_compatible(ckpt.config, fam)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (adapter file {adapter_path})") from e
         fam = replace(fam, fam_length=adapter.fam_length)
         trained = (adapter.block_size, adapter.memory_blocks, adapter.sink_tokens)
         if fam.mode == "fam" and (fam.block_size, fam.memory_blocks, fam.sink_tokens) != trained:
