@@ -3,6 +3,7 @@ printed with rich (plain text when rich is missing) and the JSON result file."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -89,6 +90,17 @@ def peak_rss_bytes() -> int:
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Median, min and max of repeated measurements."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def stream_counts(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """--streams "1,2,4": sorted distinct positive integers, or the parser's usage error."""
+    try:
+        counts = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        parser.error("--streams: give comma-separated positive integers")
+    return counts
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

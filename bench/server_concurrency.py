@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 
-from common import print_table, spread, start, write_json
+from common import print_table, spread, start, stream_counts, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("famserve", "llamacpp")
@@ -76,12 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default=str(ROOT / "docs/bench_concurrency.png"), help="PNG to write ('' for none)")
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (their folder is printed)")
     args = p.parse_args(argv)
-    try:
-        args.streams = sorted({int(s) for s in args.streams.split(",") if s.strip()})
-    except ValueError:
-        p.error("--streams: give comma-separated positive integers")
-    if not args.streams or min(args.streams) < 1:
-        p.error("--streams: give comma-separated positive integers")
+    args.streams = stream_counts(p, args.streams)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not args.systems or any(s not in SYSTEMS for s in args.systems):
         p.error(f"--systems: choose from {', '.join(SYSTEMS)}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from common import peak_rss_bytes, print_table, start, write_json
+from common import peak_rss_bytes, print_table, start, stream_counts, write_json
 from famserve.engine.build import DTYPES, load_model
 from famserve.engine.config import MODES, EngineConfig, FamConfig, ModelConfig, RopeScaling
 from famserve.engine.engine import GenerationRequest, LLMEngine, RequestOutput
@@ -57,12 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", default="bench/results/throughput.json")
     args = p.parse_args(argv)
-    try:
-        args.streams = sorted({int(s) for s in args.streams.split(",") if s.strip()})
-    except ValueError:
-        p.error("--streams: give comma-separated positive integers")
-    if not args.streams or min(args.streams) < 1:
-        p.error("--streams: give comma-separated positive integers")
+    args.streams = stream_counts(p, args.streams)
     if args.decode_tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1:
         p.error("--decode-tokens must be >= 2, --prompt-tokens and --repeats >= 1")
     return args
