@@ -269,18 +269,21 @@ TIMING_STEPS = 10  # steps timed before a time budget fixes the run's length
 
 
 def _fit_schedule(trainer: FamTrainer, cfg: TrainConfig, seconds: float, done: int, last_seconds: float) -> None:
-    """With a time budget: after TIMING_STEPS steps, shorten the run (and so its LR decay) to the steps that fit,
-    timed by the steps after the first (which carries one-off warm-up costs); stop when the budget is spent."""
+    """With a time budget: from TIMING_STEPS steps on, fit the run's length (and so its LR decay) to the steps that
+    fit in what is left, at the mean pace of the steps after the first (which carries one-off warm-up costs); stop
+    when the budget is spent. Refitted after every step, because on a shared machine the pace drifts: a length
+    fixed once from the first steps left a run whose steps slowed 2-3x at 0.6x its peak LR when time ran out."""
     if done == 1:
         trainer._first_step_seconds = last_seconds
     if seconds >= cfg.max_seconds:
         trainer.total_steps = trainer.step_count
-    elif done == TIMING_STEPS:
+    elif done >= TIMING_STEPS:
         per_step = (seconds - trainer._first_step_seconds) / (done - 1)
         fit = trainer.step_count + int((cfg.max_seconds - seconds) / per_step)
         trainer.total_steps = max(trainer.step_count, min(cfg.steps, fit))
-        log.info("time budget %.0f s: %d steps in all (%.2f s/step)", cfg.max_seconds, trainer.total_steps,
-                 per_step)
+        if done == TIMING_STEPS:
+            log.info("time budget %.0f s: about %d steps in all (%.2f s/step; refitted as the pace changes)",
+                     cfg.max_seconds, trainer.total_steps, per_step)
 
 
 def _batch_source(cfg: TrainConfig, tokenizer):

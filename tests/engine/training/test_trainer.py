@@ -175,6 +175,25 @@ def test_time_budget_stops_the_run_and_fits_the_schedule(tiny_llama_dir, tmp_pat
     assert lrs[-1] == pytest.approx(1e-3 * 0.1)  # the cosine decay ran to its end within the budget
 
 
+def test_time_budget_refits_the_schedule_when_steps_slow_down(tiny_llama_dir, tmp_path, monkeypatch):
+    """Steps of 1 s, then of 3 s from the 11th (the machine got busy): fixed once after 10 steps, the run would
+    plan 40 steps and stop at step 20 halfway through its decay; refitted, the decay ends with the budget."""
+    real_step, calls = FamTrainer.train_step, []
+
+    def slowing_steps(self, tokens, labels):
+        result = real_step(self, tokens, labels)
+        calls.append(1)
+        result.seconds = 1.0 if len(calls) <= 10 else 3.0
+        return result
+
+    monkeypatch.setattr(trainer_module.FamTrainer, "train_step", slowing_steps)
+    result = train(config(tiny_llama_dir, tmp_path, steps=1000, max_seconds=40.0, checkpoint_every=0),
+                   progress=False)
+    assert result.steps == 20  # 10 s for the first 10 steps, 30 s for the next 10: the budget is spent
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "adapter.log.jsonl").read_text().splitlines()]
+    assert lrs[-1] <= 1e-3 * 0.25  # near the end of the decay (1e-3 * 0.1), not at its middle
+
+
 def test_adapter_used_away_from_its_training_shape_warns(tiny_llama_dir, tmp_path, caplog):
     result = train(config(tiny_llama_dir, tmp_path, steps=1), progress=False)
     with caplog.at_level("WARNING", logger="famserve.engine.build"):
