@@ -314,19 +314,23 @@ def test_fam_block_one_matches_transformers_prompt_prefix(tiny, T):
 # FAM mode and sinks against transformers' layers driven block by block.
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fam_cfg,T", [
+FAM_CASES = [
     (FamConfig(mode="fam", block_size=8, memory_blocks=1, fam_length=4, sink_tokens=0), 44),
     (FamConfig(mode="fam", block_size=8, memory_blocks=1, fam_length=4, sink_tokens=3), 44),
     (FamConfig(mode="fam", block_size=6, memory_blocks=2, fam_length=9, sink_tokens=2), 41),  # F > L
     (FamConfig(mode="fam", block_size=5, memory_blocks=0, fam_length=3, sink_tokens=1), 30),  # M = 0, no partial
+]
+BSWA_CASES = [
     (FamConfig(mode="bswa", block_size=8, memory_blocks=1, sink_tokens=4), 44),
     (FamConfig(mode="bswa", block_size=4, memory_blocks=2, sink_tokens=4), 37),  # S = L
-])
-@pytest.mark.parametrize("custom_prompt", [False, True])
+]
+
+
+# A custom FAM prompt only matters in fam mode, so bswa runs with the default prompt alone.
+@pytest.mark.parametrize("fam_cfg,T,custom_prompt", [(*case, False) for case in FAM_CASES + BSWA_CASES]
+                         + [(*case, True) for case in FAM_CASES])
 def test_matches_transformers_layers_blockwise(tiny, fam_cfg, T, custom_prompt):
     weights, config, model = tiny
-    if custom_prompt and fam_cfg.mode != "fam":
-        pytest.skip("prompt only matters in fam mode")
     F = fam_cfg.fam_length
     prompt = (torch.randn(F, 64, generator=torch.Generator().manual_seed(F), dtype=torch.float64)
               if custom_prompt else None)
