@@ -107,17 +107,9 @@ def quality(payload: dict[str, Any]) -> str:
                                   if (label, t) in cell else "-" for t in texts)] for label in labels]), ""]
     passkey = payload.get("passkey") or []
     if passkey:
-        lengths = sorted({r["num_tokens"] for r in passkey})
-        labels = list(dict.fromkeys(r["label"] for r in passkey))
-        cell = {(r["label"], r["num_tokens"]): r for r in passkey}
-
-        def text(label: str, n: int) -> str:
-            r = cell.get((label, n))
-            return "not run" if r is None or "skipped" in r else f"{r['correct']}/{r['trials']}"
-
+        lengths, rows = passkey_grid(passkey, "not run")
         out += ["**PassKey retrieval**, correct / trials, by prompt length:", ""]
-        out += [_table(["mode", *map(_k, lengths)], [[label, *(text(label, n) for n in lengths)] for label in labels]),
-                ""]
+        out += [_table(["mode", *map(_k, lengths)], rows), ""]
     return "\n".join(out)
 
 
@@ -195,6 +187,20 @@ def server_concurrency(payload: dict[str, Any]) -> str:
                      pair(n, lambda r: "-" if r is None else f"{r['ttft_p50_s']['median']:.2f}")]
                     for n in streams]), ""]
     return "\n".join(out)
+
+
+def passkey_grid(passkey: list[dict[str, Any]], missing: str) -> tuple[list[int], list[list[str]]]:
+    """bench/quality.py's PassKey rows as (prompt lengths, one row per mode: label, then correct/trials per length;
+    `missing` where a cell was not run)."""
+    lengths = sorted({r["num_tokens"] for r in passkey})
+    cell = {(r["label"], r["num_tokens"]): r for r in passkey}
+
+    def text(label: str, n: int) -> str:
+        r = cell.get((label, n))
+        return missing if r is None or "skipped" in r else f"{r['correct']}/{r['trials']}"
+
+    labels = dict.fromkeys(r["label"] for r in passkey)
+    return lengths, [[label, *(text(label, n) for n in lengths)] for label in labels]
 
 
 def sections(payload: dict[str, Any], source: str) -> dict[str, str]:

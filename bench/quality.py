@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from common import print_table, start, write_json
+from markdown import passkey_grid
 from famserve.engine.adapter import FamAdapter
 from famserve.engine.build import DTYPES, LoadedModel, load_model
 from famserve.engine.config import EngineConfig, FamConfig
@@ -178,16 +179,8 @@ def report(ppl: list[dict[str, Any]], passkey: list[dict[str, Any]]) -> None:
                     [[r["label"], r["text"], str(r["num_tokens"]), f"{r['perplexity']:.2f}", f"{r['accuracy']:.3f}",
                       f"{r['num_tokens'] / r['seconds']:.0f}"] for r in ppl])
     if passkey:
-        lengths = sorted({r["num_tokens"] for r in passkey})
-        labels = list(dict.fromkeys(r["label"] for r in passkey))
-        cell = {(r["label"], r["num_tokens"]): r for r in passkey}
-
-        def text(label: str, n: int) -> str:
-            r = cell.get((label, n))
-            return "-" if r is None or "skipped" in r else f"{r['correct']}/{r['trials']}"
-
-        print_table("PassKey retrieval: correct / trials", ["mode", *map(str, lengths)],
-                    [[label, *(text(label, n) for n in lengths)] for label in labels])
+        lengths, rows = passkey_grid(passkey, "-")
+        print_table("PassKey retrieval: correct / trials", ["mode", *map(str, lengths)], rows)
 
 
 NOTES = ["perplexity/accuracy: one engine stream per book and mode (evaluate.perplexity's loop); full attention in "
