@@ -140,6 +140,8 @@ class LLMEngine:
         work = self.scheduler.schedule()
         for seq in work.admitted:
             self._admit(seq)
+        if work.admitted:  # before the first token goes out: a client that sees it must also see the slot taken
+            self.refresh_stats()
         if not work.items:
             return
         states, inputs = [], []
