@@ -8,7 +8,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 LORA_TARGETS_HELP = "comma-separated subset of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (default: all)"
 
@@ -153,89 +155,89 @@ def _load(args: argparse.Namespace, mode: str):
     return load_model(args.model, fam, mode, EngineConfig(device=args.device, dtype=args.dtype), args.fam_adapter)
 
 
-def cmd_eval_passkey(args: argparse.Namespace) -> int:
+Row = tuple[list[str], dict]  # one line of the printed table and the JSON record it comes from
+
+
+def _run_eval(args: argparse.Namespace, title: str, columns: list[str], payload: dict,
+              per_mode: Callable[[Any], Iterable[Row]]) -> int:
+    """Load the model once per --mode, collect its rows into the table and into payload["results"], then print the
+    table and write payload as JSON (exit 2 with a message, and no file, if loading or evaluating fails)."""
     from famserve.engine.errors import FamserveError
-    from famserve.engine.training.evaluate import passkey
 
     _set_threads(args.threads)
-    rows, payload = [], {"task": "passkey", "model": args.model, "adapter": args.fam_adapter, "results": []}
+    rows: list[list[str]] = []
+    payload.update(model=args.model, adapter=args.fam_adapter, results=[])
     try:
         for mode in args.mode:
-            loaded = _load(args, mode)
-            filler = loaded.tokenizer.encode(Path(args.filler_file).read_text()) if args.filler_file else None
-            for r in passkey(loaded.model, loaded.tokenizer, args.lengths, args.trials, args.seed, args.depth,
-                             filler, args.batch_size, args.chunk_tokens):
-                rows.append([r.mode, str(r.num_tokens), f"{r.correct}/{r.trials}", f"{r.accuracy:.0%}"])
-                payload["results"].append({"mode": r.mode, "num_tokens": r.num_tokens, "trials": r.trials,
-                                           "correct": r.correct, "accuracy": r.accuracy, "outputs": r.outputs})
+            for row, record in per_mode(_load(args, mode)):
+                rows.append(row)
+                payload["results"].append(record)
     except (FamserveError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _print_table(f"PassKey retrieval, {args.model}", ["mode", "tokens", "correct", "accuracy"], rows)
+    _print_table(f"{title}, {args.model}", columns, rows)
     _write_json(args.out, payload)
     return 0
+
+
+def cmd_eval_passkey(args: argparse.Namespace) -> int:
+    from famserve.engine.training.evaluate import passkey
+
+    def per_mode(loaded) -> Iterable[Row]:
+        filler = loaded.tokenizer.encode(Path(args.filler_file).read_text()) if args.filler_file else None
+        for r in passkey(loaded.model, loaded.tokenizer, args.lengths, args.trials, args.seed, args.depth,
+                         filler, args.batch_size, args.chunk_tokens):
+            yield ([r.mode, str(r.num_tokens), f"{r.correct}/{r.trials}", f"{r.accuracy:.0%}"],
+                   {"mode": r.mode, "num_tokens": r.num_tokens, "trials": r.trials, "correct": r.correct,
+                    "accuracy": r.accuracy, "outputs": r.outputs})
+
+    return _run_eval(args, "PassKey retrieval", ["mode", "tokens", "correct", "accuracy"], {"task": "passkey"},
+                     per_mode)
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
-    from famserve.engine.errors import FamserveError
     from famserve.engine.training.data import iter_text_tokens
     from famserve.engine.training.evaluate import perplexity
 
-    _set_threads(args.threads)
-    rows, payload = [], {"task": "perplexity", "model": args.model, "adapter": args.fam_adapter,
-                         "text": args.text, "results": []}
-    try:
-        for mode in args.mode:
-            loaded = _load(args, mode)
-            r = perplexity(loaded.model, iter_text_tokens(args.text, loaded.tokenizer), args.chunk_tokens,
-                           args.max_tokens)
-            rows.append([r.mode, str(r.num_tokens), f"{r.perplexity:.2f}", f"{r.accuracy:.1%}",
-                         f"{r.num_tokens / r.seconds:.0f}"])
-            payload["results"].append({"mode": r.mode, "num_tokens": r.num_tokens, "nll": r.nll,
-                                       "perplexity": r.perplexity, "num_correct": r.num_correct,
-                                       "accuracy": r.accuracy, "seconds": r.seconds})
-    except (FamserveError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    _print_table(f"Perplexity, {args.model}", ["mode", "tokens", "perplexity", "accuracy", "tok/s"], rows)
-    _write_json(args.out, payload)
-    return 0
+    def per_mode(loaded) -> Iterable[Row]:
+        r = perplexity(loaded.model, iter_text_tokens(args.text, loaded.tokenizer), args.chunk_tokens,
+                       args.max_tokens)
+        yield ([r.mode, str(r.num_tokens), f"{r.perplexity:.2f}", f"{r.accuracy:.1%}",
+                f"{r.num_tokens / r.seconds:.0f}"],
+               {"mode": r.mode, "num_tokens": r.num_tokens, "nll": r.nll, "perplexity": r.perplexity,
+                "num_correct": r.num_correct, "accuracy": r.accuracy, "seconds": r.seconds})
+
+    return _run_eval(args, "Perplexity", ["mode", "tokens", "perplexity", "accuracy", "tok/s"],
+                     {"task": "perplexity", "text": args.text}, per_mode)
 
 
 def cmd_eval_chat(args: argparse.Namespace) -> int:
-    from famserve.engine.errors import FamserveError
     from famserve.engine.training.chat_eval import SETS, chat_eval, document_text
 
-    _set_threads(args.threads)
     unknown = [s for s in args.sets if s not in SETS]
     if unknown:
         print(f"error: --sets: {', '.join(unknown)} not one of {', '.join(SETS)}", file=sys.stderr)
         return 2
-    rows, payload = [], {"task": "chat", "model": args.model, "adapter": args.fam_adapter,
-                         "document_tokens": args.document_tokens, "max_new_tokens": args.max_new_tokens,
-                         "document": None, "results": []}
-    try:
-        for mode in args.mode:
-            loaded = _load(args, mode)
-            document = payload["document"] = document_text(loaded.tokenizer, args.document_tokens)
-            shown = lambda messages: [{**m, "content": m["content"].replace(document, "{DOCUMENT}")}  # noqa: E731
-                                      for m in messages]
-            for r in chat_eval(loaded.model, loaded.tokenizer, args.sets, args.document_tokens, args.max_new_tokens,
-                               args.batch_size, args.chunk_tokens):
-                rows.append([r.mode, r.set, f"{r.passed}/{r.total}", f"{r.passed / r.total:.0%}",
-                             f"{r.seconds:.0f}"])
-                payload["results"].append({
-                    "mode": r.mode, "set": r.set, "passed": r.passed, "total": r.total, "seconds": r.seconds,
+    payload = {"task": "chat", "document_tokens": args.document_tokens, "max_new_tokens": args.max_new_tokens,
+               "document": None}
+
+    def per_mode(loaded) -> Iterable[Row]:
+        # the JSON holds the long document once; every prompt shows it as {DOCUMENT}
+        document = payload["document"] = document_text(loaded.tokenizer, args.document_tokens)
+
+        def shown(messages: list[dict]) -> list[dict]:
+            return [{**m, "content": m["content"].replace(document, "{DOCUMENT}")} for m in messages]
+
+        for r in chat_eval(loaded.model, loaded.tokenizer, args.sets, args.document_tokens, args.max_new_tokens,
+                           args.batch_size, args.chunk_tokens):
+            yield ([r.mode, r.set, f"{r.passed}/{r.total}", f"{r.passed / r.total:.0%}", f"{r.seconds:.0f}"],
+                   {"mode": r.mode, "set": r.set, "passed": r.passed, "total": r.total, "seconds": r.seconds,
                     "answers": [{"id": a.case.id, "messages": shown(a.messages), "prompt_tokens": a.prompt_tokens,
                                  "answer_prefix": a.case.answer_prefix, "expect": list(a.case.expect),
                                  "max_words": a.case.max_words, "answer": a.answer,
                                  "passed": a.passed, "reason": a.reason} for a in r.answers]})
-    except (FamserveError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    _print_table(f"Chat answers, {args.model}", ["mode", "set", "passed", "share", "seconds"], rows)
-    _write_json(args.out, payload)
-    return 0
+
+    return _run_eval(args, "Chat answers", ["mode", "set", "passed", "share", "seconds"], payload, per_mode)
 
 
 def _set_threads(threads: int | None) -> None:
