@@ -27,6 +27,7 @@ class FamAdapter:
     sink_tokens: int  # S it was trained with
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A (r, in), B (out, r))
     lora_scale: float = 1.0  # alpha / rank
+    source: str | None = None  # the file it was loaded from, for error messages
 
     @property
     def fam_length(self) -> int:
@@ -44,7 +45,7 @@ class FamAdapter:
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "FamAdapter":
+    def load(cls, path: str | Path) -> FamAdapter:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: FAM adapter file not found")
@@ -65,16 +66,17 @@ class FamAdapter:
                 lora[name] = (tensors[key], tensors[f"lora.{name}.B"])
         return cls(tensors["fam_prompt"], meta["base_fingerprint"], meta.get("base_model_id", "?"),
                    int(fam["block_size"]), int(fam["memory_blocks"]), int(fam["sink_tokens"]), lora,
-                   float(meta.get("lora_scale", 1.0)))
+                   float(meta.get("lora_scale", 1.0)), source=str(path))
 
     def check_compatible(self, model: ModelConfig, fam: FamConfig) -> None:
+        where = f" (adapter file {self.source})" if self.source else ""
         if not model.matches_fingerprint(self.base_fingerprint):
             raise CheckpointError(f"FAM adapter was trained for {self.base_model_id!r} (a different architecture: "
                                   f"fingerprint {self.base_fingerprint}, this model's is {model.fingerprint()}); "
-                                  "it cannot be used with this model")
+                                  f"it cannot be used with this model{where}")
         if self.fam_prompt.shape[1] != model.hidden_size:
             raise CheckpointError(f"FAM adapter prompt width {self.fam_prompt.shape[1]} != hidden size "
-                                  f"{model.hidden_size}")
+                                  f"{model.hidden_size}{where}")
 
     def merge_into(self, model: torch.nn.Module) -> None:
         """Add each LoRA delta B @ A * scale to its linear weight and install the FAM prompt."""

@@ -43,14 +43,11 @@ def load_model(spec: str | Path, fam: FamConfig | None = None, mode: str | None 
     """Load `spec` (a path or an alias such as "smollm2-135m") as a streaming FAM model."""
     engine = engine or EngineConfig()
     dtype = DTYPES[engine.dtype]
+    adapter = FamAdapter.load(adapter_path) if adapter_path else None  # a bad file fails before the big load
     ckpt: Checkpoint = load_checkpoint(spec, dtype=torch.float32, device="cpu")
-    adapter = FamAdapter.load(adapter_path) if adapter_path else None
     fam = resolve_mode(fam or FamConfig(), mode, adapter is not None)
     if adapter is not None:
-        try:
-            adapter.check_compatible(ckpt.config, fam)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e} (adapter file {adapter_path})") from e
+        adapter.check_compatible(ckpt.config, fam)
         fam = replace(fam, fam_length=adapter.fam_length)
         trained = (adapter.block_size, adapter.memory_blocks, adapter.sink_tokens)
         if fam.mode == "fam" and (fam.block_size, fam.memory_blocks, fam.sink_tokens) != trained:

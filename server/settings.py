@@ -84,6 +84,13 @@ class Settings(BaseSettings):
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_commas)
 
+    @field_validator("fam_adapter")
+    @classmethod
+    def _adapter_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():  # refused now, not minutes later when the model has loaded
+            raise ValueError(f"{value}: FAM adapter file not found")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
