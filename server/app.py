@@ -62,7 +62,8 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None,
     app.state.load_error = None  # why loading failed, if it did
     app.state.started_at = int(time.time())
     app.state.drain = Drain()  # begun by the server on SIGTERM
-    app.state.metrics = Metrics(lambda: app.state.service.engine.engine.stats if app.state.service else None)
+    app.state.metrics = Metrics(lambda: app.state.service.engine.engine.stats if app.state.service else None,
+                                lambda: app.state.sessions.stats() if app.state.sessions else None)
     register_exception_handlers(app)
     app.state.sessions = None  # a SessionManager once the model is loaded
     routers = [module.router for module in (completions, chat, models, tokenize, health, sessions, responses,

@@ -1,12 +1,14 @@
 """Prometheus metrics of one app (its own CollectorRegistry, so several apps can live in one process): requests by
 route and status with their latency, filled by an ASGI middleware; time to first token, inter-token latency and token
-counts, filled by generation.py; and the engine's own numbers (queue, batch sizes, queue time, states and their
-byte budget, FAM updates), read from its EngineStats at scrape time."""
+counts, filled by generation.py; the engine's own numbers (queue, batch sizes, queue time, states and their byte
+budget, FAM updates), read from its EngineStats at scrape time; and the sessions' (hot states and their budget,
+loads, replayed tokens, evictions, snapshots), read from the SessionManager at scrape time."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -14,6 +16,8 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from famserve.engine.stats import EngineStats, Histogram as StatsHistogram
+
+from .sessions import SessionStats
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TOKEN_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
@@ -48,28 +52,46 @@ _ENGINE_HISTOGRAMS = (
     ("famserve_request_queue_time_seconds", "time from submission to an engine slot, per admitted request",
      "queue_time_s"),
 )
+# The sessions' numbers (SessionManager.stats()).
+_SESSION_GAUGES = (
+    ("famserve_sessions_hot", "sessions whose state is held in memory", "num_hot"),
+    ("famserve_sessions_hot_bytes", "bytes of the session states held in memory", "hot_bytes"),
+    ("famserve_sessions_budget_bytes", "byte budget for session states in memory (--session-memory-bytes)",
+     "budget_bytes"),
+)
+_SESSION_COUNTERS = (
+    ("famserve_session_loads_total", "session states rebuilt from the store (cold, or changed by another replica)",
+     "loads_total"),
+    ("famserve_session_replayed_tokens_total", "log tokens prefilled again to rebuild session states",
+     "replayed_tokens_total"),
+    ("famserve_session_evictions_total", "idle session states dropped from memory to stay within the budget",
+     "evictions_total"),
+    ("famserve_session_snapshots_total", "session states written to the store", "snapshots_total"),
+)
 
 
-class EngineCollector(Collector):
-    """The engine's gauges, counters and histograms, read from its stats when Prometheus scrapes (families without
-    samples while the model loads)."""
+class StatsCollector(Collector):
+    """Gauges, counters and histograms read from a stats object when Prometheus scrapes; (metric name, help,
+    attribute) tables say which. Families have no samples while there are no stats yet (the model loads)."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, stats: Callable[[], Any | None], gauges: Sequence[tuple[str, str, str]],
+                 counters: Sequence[tuple[str, str, str]], histograms: Sequence[tuple[str, str, str]] = ()) -> None:
         self._stats = stats
+        self._gauges, self._counters, self._histograms = gauges, counters, histograms
 
     def collect(self) -> Iterable[Metric]:
         stats = self._stats()
-        for name, documentation, attribute in _ENGINE_GAUGES:
+        for name, documentation, attribute in self._gauges:
             gauge = GaugeMetricFamily(name, documentation)
             if stats is not None:
                 gauge.add_metric([], getattr(stats, attribute))
             yield gauge
-        for name, documentation, attribute in _ENGINE_COUNTERS:
+        for name, documentation, attribute in self._counters:
             counter = CounterMetricFamily(name, documentation)
             if stats is not None:
                 counter.add_metric([], getattr(stats, attribute))
             yield counter
-        for name, documentation, attribute in _ENGINE_HISTOGRAMS:
+        for name, documentation, attribute in self._histograms:
             histogram = HistogramMetricFamily(name, documentation)
             if stats is not None:
                 hist: StatsHistogram = getattr(stats, attribute)
@@ -87,7 +109,8 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, engine_stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats | None],
+                 session_stats: Callable[[], SessionStats | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("famserve_requests_total", "HTTP requests answered, by route and status",
@@ -103,7 +126,8 @@ class Metrics:
                                              buckets=_TOKEN_LATENCY_BUCKETS_S, registry=r)
         self.prompt_tokens = Counter("famserve_prompt_tokens_total", "prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("famserve_generation_tokens_total", "tokens generated", registry=r)
-        r.register(EngineCollector(engine_stats))
+        r.register(StatsCollector(engine_stats, _ENGINE_GAUGES, _ENGINE_COUNTERS, _ENGINE_HISTOGRAMS))
+        r.register(StatsCollector(session_stats, _SESSION_GAUGES, _SESSION_COUNTERS))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

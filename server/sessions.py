@@ -63,6 +63,18 @@ class SessionLimits:
     lease_ttl_s: float = 60.0  # how long a replica's claim on a session lasts without renewal
 
 
+@dataclass
+class SessionStats:
+    """What /metrics shows of the sessions; the counters count since the process started."""
+    num_hot: int = 0  # sessions whose state is in memory
+    hot_bytes: int = 0
+    budget_bytes: int = 0  # --session-memory-bytes
+    loads_total: int = 0  # states rebuilt from the store (cold, or changed by another replica)
+    replayed_tokens_total: int = 0  # log tokens prefilled again by those loads
+    evictions_total: int = 0  # idle states dropped from memory to stay within the budget
+    snapshots_total: int = 0  # states written to the store
+
+
 class SessionManager:
     def __init__(self, store: SessionStore, engine: AsyncEngine, model: FamModel, tokenizer: Tokenizer,
                  model_id: str, limits: SessionLimits):
@@ -71,6 +83,7 @@ class SessionManager:
         self.replica_id = uuid.uuid4().hex
         self.hot: OrderedDict[str, Session] = OrderedDict()
         self._scratch: list[FamState] = []  # reusable states for forks that are thrown away
+        self._stats = SessionStats(budget_bytes=limits.memory_budget_bytes)
 
     # --- lookup and lifecycle ----------------------------------------------------------------------------------
 
@@ -251,6 +264,7 @@ class SessionManager:
         data = self._state_bytes(session)
         await asyncio.to_thread(self.store.write_snapshot, session.record, data)
         session.tokens_since_snapshot = 0
+        self._stats.snapshots_total += 1
 
     async def _load(self, owner: str, session_id: str) -> Session:
         record = await asyncio.to_thread(self._record, owner, session_id)
@@ -268,6 +282,8 @@ class SessionManager:
         replay = await asyncio.to_thread(self.store.read_log, record)
         if replay:
             await self._run_prefill(state, replay)
+        self._stats.loads_total += 1
+        self._stats.replayed_tokens_total += len(replay)
         if state.num_tokens < record.tokens_processed:
             raise SessionCorruptError(f"session {session_id}: store holds {state.num_tokens} tokens but the record "
                                       f"says {record.tokens_processed}")
@@ -289,6 +305,7 @@ class SessionManager:
             if victim is None:
                 return
             del self.hot[victim.record.id]
+            self._stats.evictions_total += 1
             if victim.tokens_since_snapshot:
                 await self._snapshot(victim)
 
@@ -301,6 +318,11 @@ class SessionManager:
     @property
     def resident_bytes(self) -> int:
         return sum(s.state.nbytes for s in self.hot.values())
+
+    def stats(self) -> SessionStats:
+        """The counters with the gauges brought up to date (read when Prometheus scrapes)."""
+        self._stats.num_hot, self._stats.hot_bytes = len(self.hot), self.resident_bytes
+        return self._stats
 
 
 def _valid_id(session_id: str) -> bool:

@@ -1,6 +1,7 @@
-"""The engine's metrics on /metrics of a real server (tiny model in fam mode, L=8, a state budget of exactly one
-state): every name the docs and the dashboard use is there with its type, the counters move by exactly what one
-request did, and the gauges show a running stream, a request waiting for the budget, and nothing left afterwards."""
+"""The engine's and the sessions' metrics on /metrics of a real server (tiny model in fam mode, L=8, request and
+session budgets of exactly one state each): every name the docs and the dashboard use is there with its type, the
+counters move by exactly what one request did, the gauges show a running stream, a request waiting for the budget,
+and nothing left afterwards, and the session numbers follow evictions and loads from the store."""
 
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ ENGINE_METRICS = {
     "famserve_batch_size": "histogram",
     "famserve_request_queue_time_seconds": "histogram",
 }
+SESSION_METRICS = {
+    "famserve_sessions_hot": "gauge",
+    "famserve_sessions_hot_bytes": "gauge",
+    "famserve_sessions_budget_bytes": "gauge",
+    "famserve_session_loads": "counter",
+    "famserve_session_replayed_tokens": "counter",
+    "famserve_session_evictions": "counter",
+    "famserve_session_snapshots": "counter",
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +56,7 @@ def state_nbytes(tiny_llama_dir: Path) -> int:
 def server(start_server, tiny_args, state_nbytes: int):
     return start_server(tiny_args(mode="fam", block_size=FAM.block_size, memory_blocks=FAM.memory_blocks,
                                   fam_length=FAM.fam_length, sink_tokens=FAM.sink_tokens, max_tokens_cap=4096,
-                                  state_memory_bytes=state_nbytes))
+                                  state_memory_bytes=state_nbytes, session_memory_bytes=state_nbytes))
 
 
 @pytest.fixture
@@ -137,3 +147,27 @@ def test_a_request_waits_while_the_budget_is_taken(server, http: httpx.Client, s
     assert gave_up == [httpx.ReadTimeout]
     samples = wait_until(http, "famserve_num_requests_running", 0)
     assert (samples["famserve_num_requests_waiting"], samples["famserve_states_resident"]) == (0, 0)
+
+
+def test_session_metrics_follow_evictions_and_loads(http: httpx.Client, state_nbytes: int) -> None:
+    before, types = scrape(http)
+    assert {name: types.get(name) for name in SESSION_METRICS} == SESSION_METRICS
+    assert before["famserve_sessions_budget_bytes"] == state_nbytes
+    first = http.post("/v1/sessions", json={}).json()["id"]
+    assert http.post(f"/v1/sessions/{first}/append", json={"token_ids": list(range(10, 30))}).status_code == 200
+    second = http.post("/v1/sessions", json={}).json()["id"]  # the budget holds one state: the first is evicted
+    middle, _ = scrape(http)
+    assert http.post(f"/v1/sessions/{first}/append", json={"token_ids": [7]}).status_code == 200  # loaded again
+    after, _ = scrape(http)
+
+    def grew(name: str, since: dict[str, float] = before) -> float:
+        return after[name] - since[name]
+
+    assert (middle["famserve_sessions_hot"], middle["famserve_sessions_hot_bytes"]) == (1, state_nbytes)
+    assert (after["famserve_sessions_hot"], after["famserve_sessions_hot_bytes"]) == (1, state_nbytes)
+    assert middle["famserve_session_evictions_total"] - before["famserve_session_evictions_total"] == 1
+    assert grew("famserve_session_evictions_total") == 2  # then the second, to make room for the first
+    assert grew("famserve_session_snapshots_total") == 1  # only the first had tokens not yet snapshotted
+    assert grew("famserve_session_loads_total") == 1
+    assert grew("famserve_session_replayed_tokens_total") == 0  # its snapshot held all 20 tokens
+    assert http.delete(f"/v1/sessions/{second}").status_code == 200
