@@ -49,6 +49,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--passkey-fraction", type=float, default=0.5, help="share of PassKey batches when both")
     p.add_argument("--passkey-start-step", type=int, default=0, metavar="N",
                    help="curriculum: text only for the first N steps, then PassKey mixed in (needs --data)")
+    p.add_argument("--passkey-beyond-window", type=int, default=0, metavar="N",
+                   help="put every key 1..N blocks before the question's attention window, where only FAM can "
+                        "carry it (default 0: the paper's layout, depth 0 half of the time)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, default=1)
@@ -80,6 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig(model=args.model, out=args.out, data=tuple(args.data), passkey=args.passkey,
                           passkey_fraction=args.passkey_fraction, passkey_start_step=args.passkey_start_step,
+                          passkey_beyond_window=args.passkey_beyond_window,
                           steps=args.steps, seq_len=args.seq_len,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                           lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,

@@ -51,17 +51,52 @@ class TextWindows:
 
 
 class PassKeyExamples:
-    """Text PassKey training examples of exactly seq_len tokens, the key at a random depth in the filler
-    (depth 0, the paper's layout, half of the time)."""
+    """Text PassKey training examples of exactly seq_len tokens. In the paper's layout the key sits at depth 0 half
+    of the time and at a random depth otherwise, so short sequences often have it inside the question's attention
+    window. With beyond_window_blocks N > 0 every key sits in one of the N blocks just before the window of the
+    question's last token (block_size L, memory_blocks M): out of BSWA's sight, the shortest distances that only
+    FAM can bridge (a curriculum starts at N = 1 and grows)."""
 
-    def __init__(self, passkey: TextPassKey, seq_len: int):
-        passkey.make(seq_len, random.Random(0))  # fails early (ValueError) when seq_len is too short
+    def __init__(self, passkey: TextPassKey, seq_len: int, block_size: int = 0, memory_blocks: int = 0,
+                 beyond_window_blocks: int = 0):
+        if beyond_window_blocks < 0:
+            raise ValueError(f"beyond_window_blocks: must be >= 0, got {beyond_window_blocks}")
+        if beyond_window_blocks and block_size <= 0:
+            raise ValueError("beyond_window_blocks: needs the block size")
         self.passkey, self.seq_len = passkey, seq_len
+        self.block_size, self.memory_blocks, self.beyond_window_blocks = block_size, memory_blocks, beyond_window_blocks
+        self._sample(random.Random(0), farthest=True)  # fails early (ValueError) when seq_len is too short
 
     def sample(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        depth = 0.0 if rng.random() < 0.5 else rng.random()
-        tokens, labels = self.passkey.training_example(self.seq_len, rng, depth)
+        return self._sample(rng)
+
+    def _sample(self, rng: random.Random, farthest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.beyond_window_blocks:
+            gap = self.beyond_window_blocks if farthest else rng.randint(1, self.beyond_window_blocks)
+            tokens, labels = self.passkey.training_example(self.seq_len, rng,
+                                                           place=lambda p, k: self._beyond_window(p, k, gap, rng))
+        else:
+            depth = 0.0 if rng.random() < 0.5 else rng.random()
+            tokens, labels = self.passkey.training_example(self.seq_len, rng, depth)
         return torch.tensor(tokens), torch.tensor(labels)
+
+    def key_starts(self, prompt_tokens: int, key_tokens: int, gap: int) -> range:
+        """Where a key sentence of key_tokens may start so that it ends inside the block `gap` blocks before the
+        window of the last prompt token (empty when the prompt is too short for that gap)."""
+        size = self.block_size
+        window_start = ((prompt_tokens - 1) // size - self.memory_blocks) * size
+        block_end = window_start - (gap - 1) * size  # the key's last token comes before this index
+        latest = min(block_end, prompt_tokens - len(self.passkey.question_ids)) - key_tokens
+        earliest = max(len(self.passkey.intro_ids), min(block_end - size, latest))
+        return range(earliest, latest + 1)
+
+    def _beyond_window(self, prompt_tokens: int, key_tokens: int, gap: int, rng: random.Random) -> int:
+        starts = self.key_starts(prompt_tokens, key_tokens, gap)
+        if not starts:
+            raise ValueError(f"seq_len: {self.seq_len} tokens leave no room for a key {gap} blocks beyond the "
+                             f"window (L={self.block_size}, M={self.memory_blocks}); use longer sequences or fewer "
+                             "--passkey-beyond-window blocks")
+        return rng.choice(starts)
 
 
 class BatchSource:

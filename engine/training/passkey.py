@@ -5,7 +5,7 @@ tokenizer, with filler from real text or the standard grass/sky sentences."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,9 +88,10 @@ class TextPassKey:
     def new_key(self, rng: random.Random) -> str:
         return str(rng.randrange(10 ** (self.key_digits - 1), 10 ** self.key_digits))
 
-    def make(self, num_tokens: int, rng: random.Random, depth: float = 0.0, key: str | None = None) -> PassKeyPrompt:
+    def make(self, num_tokens: int, rng: random.Random, depth: float = 0.0, key: str | None = None,
+             key_start: int | None = None) -> PassKeyPrompt:
         """A prompt of exactly `num_tokens` tokens; the key sentence sits after the intro and `depth` (0..1) of the
-        filler (0: right after the intro, as in the paper)."""
+        filler (0: right after the intro, as in the paper), or at token index `key_start` when given."""
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth: must be in 0..1, got {depth}")
         key = key or self.new_key(rng)
@@ -99,15 +100,22 @@ class TextPassKey:
         if filler_count < 0:
             raise ValueError(f"num_tokens: a PassKey prompt needs at least {num_tokens - filler_count} tokens")
         filler = self._filler(filler_count, rng)
-        before = round(depth * filler_count)
+        before = round(depth * filler_count) if key_start is None else key_start - len(self.intro_ids)
+        if not 0 <= before <= filler_count:
+            raise ValueError(f"key_start: must be in {len(self.intro_ids)}..{len(self.intro_ids) + filler_count}, "
+                             f"got {key_start}")
         prompt = self.intro_ids + filler[:before] + key_ids + filler[before:] + self.question_ids
         return PassKeyPrompt(prompt, self.tokenizer.encode(" " + key), key, len(self.intro_ids) + before)
 
-    def training_example(self, num_tokens: int, rng: random.Random, depth: float = 0.0) -> tuple[list[int], list[int]]:
+    def training_example(self, num_tokens: int, rng: random.Random, depth: float = 0.0,
+                         place: Callable[[int, int], int] | None = None) -> tuple[list[int], list[int]]:
         """Tokens (exactly num_tokens: prompt + answer) and labels (the answer tokens only, shifted: the label at
-        position t is the token at t+1)."""
+        position t is the token at t+1). `place(prompt_tokens, key_sentence_tokens)`, when given, picks the key
+        sentence's start instead of `depth`."""
         key = self.new_key(rng)
-        example = self.make(num_tokens - len(self.tokenizer.encode(" " + key)), rng, depth, key)
+        prompt_tokens = num_tokens - len(self.tokenizer.encode(" " + key))
+        key_start = None if place is None else place(prompt_tokens, len(self._key_ids(key)))
+        example = self.make(prompt_tokens, rng, depth, key, key_start)
         tokens = example.prompt_ids + example.answer_ids
         labels = [IGNORE] * len(tokens)
         start = len(example.prompt_ids)

@@ -138,6 +138,7 @@ class TrainConfig:
     passkey: bool = False  # train on text PassKey examples (filler from --data when given)
     passkey_fraction: float = 0.5  # with both data kinds: share of PassKey batches
     passkey_start_step: int = 0  # curriculum: text only before this step, then PassKey mixed in (needs both kinds)
+    passkey_beyond_window: int = 0  # N > 0: every key 1..N blocks before the question's window (0: paper layout)
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this count)
     seq_len: int = 1024  # tokens per training sequence
     batch_size: int = 1  # sequences per step
@@ -179,6 +180,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         if not self.data and not self.passkey:
             raise ValueError("data: give text files (--data) and/or --passkey")
+        if self.passkey_beyond_window < 0:
+            raise ValueError(f"passkey_beyond_window: must be >= 0, got {self.passkey_beyond_window}")
         if self.passkey_start_step < 0:
             raise ValueError(f"passkey_start_step: must be >= 0, got {self.passkey_start_step}")
         if self.passkey_start_step and not (self.data and self.passkey):
@@ -292,7 +295,8 @@ def _batch_source(cfg: TrainConfig, tokenizer):
 
     ids = [t for piece in iter_text_tokens(cfg.data, tokenizer) for t in piece] if cfg.data else []
     text = TextWindows(ids, cfg.seq_len) if ids else None
-    passkey = PassKeyExamples(TextPassKey(tokenizer, ids or None), cfg.seq_len) if cfg.passkey else None
+    passkey = PassKeyExamples(TextPassKey(tokenizer, ids or None), cfg.seq_len, cfg.block_size, cfg.memory_blocks,
+                              cfg.passkey_beyond_window) if cfg.passkey else None
     return BatchSource(cfg.batch_size, text, passkey, cfg.passkey_fraction, cfg.seed, cfg.passkey_start_step)
 
 

@@ -157,6 +157,10 @@ def test_bad_config_names_the_field(tiny_llama_dir, tmp_path):
         config(tiny_llama_dir, tmp_path, passkey_start_step=-1)
     with pytest.raises(ValueError, match="passkey_start_step: a curriculum needs both text"):
         config(tiny_llama_dir, tmp_path, passkey_start_step=5, data=())
+    with pytest.raises(ValueError, match="passkey_beyond_window: must be >= 0, got -2"):
+        config(tiny_llama_dir, tmp_path, passkey_beyond_window=-2)
+    with pytest.raises(ValueError, match="seq_len: 200 tokens leave no room for a key 9 blocks beyond the window"):
+        train(config(tiny_llama_dir, tmp_path, passkey_beyond_window=9), progress=False)  # refused before step 1
 
 
 def test_time_budget_stops_the_run_and_fits_the_schedule(tiny_llama_dir, tmp_path, monkeypatch):
