@@ -49,6 +49,21 @@ def _xaxis(ax: Any) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
+def _median_with_spread(ax: Any, x: list[float], stats: list[dict[str, float]], **style: Any) -> Any:
+    """Medians joined by a line, bars from min to max (the stats dicts of bench/common.py)."""
+    med = [s["median"] for s in stats]
+    spread = [[m - s["min"] for m, s in zip(med, stats)], [s["max"] - m for m, s in zip(med, stats)]]
+    return ax.errorbar(x, med, yerr=spread, marker="o", capsize=3, **style)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def engine_speed(payload: dict[str, Any], out_dir: Path, prefix: str = "bench") -> list[Path]:
     """PREFIX_speed.png (prefill and decode tok/s against context) and PREFIX_memory.png (state bytes and RSS)."""
     results = payload["results"]
@@ -62,21 +77,15 @@ def engine_speed(payload: dict[str, Any], out_dir: Path, prefix: str = "bench") 
             rows = _series(results, system)
             if not rows:
                 continue
-            x = [r["context_tokens"] for r in rows]
-            med = [r[f"{what}_tok_s"]["median"] for r in rows]
-            low = [m - r[f"{what}_tok_s"]["min"] for m, r in zip(med, rows)]
-            high = [r[f"{what}_tok_s"]["max"] - m for m, r in zip(med, rows)]
-            ax.errorbar(x, med, yerr=[low, high], marker="o", capsize=3, label=LABELS.get(system, system))
+            _median_with_spread(ax, [r["context_tokens"] for r in rows], [r[f"{what}_tok_s"] for r in rows],
+                                label=LABELS.get(system, system))
         _xaxis(ax)
         ax.set_yscale("log")
         ax.set_ylabel(f"{what} tokens/s (median, bars: min-max)")
         ax.set_title(f"{what} speed")
     axes[0].legend()
     fig.suptitle(_subtitle(payload), fontsize=9)
-    fig.tight_layout()
-    written.append(out_dir / f"{prefix}_speed.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, out_dir / f"{prefix}_speed.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for system in systems:
@@ -92,10 +101,7 @@ def engine_speed(payload: dict[str, Any], out_dir: Path, prefix: str = "bench") 
         ax.set_title(title)
     axes[0].legend()
     fig.suptitle(_subtitle(payload), fontsize=9)
-    fig.tight_layout()
-    written.append(out_dir / f"{prefix}_memory.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, out_dir / f"{prefix}_memory.png"))
     return written
 
 
@@ -117,10 +123,7 @@ def quality(payload: dict[str, Any], out_dir: Path, prefix: str = "bench") -> li
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=8)
         ax.set_title(f"PassKey retrieval ({_subtitle(payload)})", fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / f"{prefix}_passkey.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / f"{prefix}_passkey.png"))
     ppl = [r for r in payload.get("perplexity") or [] if "skipped" not in r]
     if ppl:
         labels = list(dict.fromkeys(r["label"] for r in ppl))
@@ -139,10 +142,7 @@ def quality(payload: dict[str, Any], out_dir: Path, prefix: str = "bench") -> li
         axes[0].set_yscale("log")
         axes[1].legend(fontsize=8)
         fig.suptitle(_subtitle(payload), fontsize=9)
-        fig.tight_layout()
-        written.append(out_dir / f"{prefix}_perplexity.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / f"{prefix}_perplexity.png"))
     return written
 
 
@@ -159,11 +159,8 @@ def server_concurrency(payload: dict[str, Any], path: Path) -> Path:
         if not rows:
             continue
         x = [r["streams"] for r in rows]
-        med = [r["decode_tok_s"]["median"] for r in rows]
-        low = [m - r["decode_tok_s"]["min"] for m, r in zip(med, rows)]
-        high = [r["decode_tok_s"]["max"] - m for m, r in zip(med, rows)]
-        line = axes[0].errorbar(x, med, yerr=[low, high], marker="o", capsize=3,
-                                label=f"{labels.get(system, system)}, from the first stream's first token")
+        line = _median_with_spread(axes[0], x, [r["decode_tok_s"] for r in rows],
+                                   label=f"{labels.get(system, system)}, from the first stream's first token")
         color = line[0].get_color()
         steady = [r for r in rows if r.get("steady_tok_s")]
         if steady:
@@ -191,11 +188,7 @@ def server_concurrency(payload: dict[str, Any], path: Path) -> Path:
     a = payload.get("args", {})
     fig.suptitle(f"{_subtitle(payload)}; {a.get('prompt_tokens')} prompt + {a.get('max_tokens')} generated tokens "
                  "per stream, over HTTP", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
