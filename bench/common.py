@@ -11,6 +11,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,16 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def save_run(path: str | Path, benchmark: str, machine: dict[str, Any], args: Any, started_s: float, final: bool,
+             **fields: Any) -> Path:
+    """Write a run's JSON: the machine with the run's wall time and the load at its end, the arguments, and the
+    benchmark's fields; `complete` stays False until the final write, so a run cut short keeps what it measured."""
+    machine["wall_s"] = time.perf_counter() - started_s
+    machine["load_average_at_end"] = list(os.getloadavg())
+    return write_json(path, {"benchmark": benchmark, "complete": final, "machine": machine, "args": vars(args),
+                             **fields})
 
 
 def start(args: Any) -> dict[str, Any]:

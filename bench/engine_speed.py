@@ -20,7 +20,6 @@ import gc
 import inspect
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 
 import roofline
-from common import peak_rss_bytes, print_table, rss_bytes, spread, start, write_json
+from common import peak_rss_bytes, print_table, rss_bytes, save_run, spread, start, write_json
 from famserve.engine.build import DTYPES, LoadedModel, load_model
 from famserve.engine.config import EngineConfig, FamConfig
 from famserve.engine.loader import resolve_model_path
@@ -644,19 +643,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def save(final: bool) -> Path:
         machine["peak_rss_bytes"] = peak_rss_bytes()
-        machine["wall_s"] = time.perf_counter() - started
-        machine["load_average_at_end"] = list(os.getloadavg())
-        return write_json(args.out, {
-            "benchmark": "engine_speed",
-            "complete": final,
-            "machine": machine,
-            "args": vars(args),
-            "notes": NOTES,
-            "roofline_peaks": peaks,
-            "results": results,
-            "ratios": ratios(results),
-            "targets": targets(results),
-        })
+        return save_run(args.out, "engine_speed", machine, args, started, final, notes=NOTES, roofline_peaks=peaks,
+                        results=results, ratios=ratios(results), targets=targets(results))
 
     if args.interleave and not args.no_isolate:
         def keep(rows: list[dict[str, Any]]) -> None:

@@ -16,7 +16,6 @@ to that length. Next-token accuracy is the share of positions whose argmax is th
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from common import print_table, start, write_json
+from common import print_table, save_run, start
 from markdown import passkey_grid
 from famserve.engine.adapter import FamAdapter
 from famserve.engine.build import DTYPES, LoadedModel, load_model
@@ -204,19 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     book_ids: dict[str, list[int]] = {}
 
     def save(final: bool) -> Path:
-        machine["wall_s"] = time.perf_counter() - started
-        machine["load_average_at_end"] = list(os.getloadavg())
-        return write_json(args.out, {
-            "benchmark": "quality",
-            "complete": final,
-            "machine": machine,
-            "args": vars(args),
-            "window": {"block_size": block, "memory_blocks": memory, "sink_tokens": sinks},
-            "books": {name: len(ids) for name, ids in book_ids.items()},
-            "notes": NOTES,
-            "perplexity": ppl_rows,
-            "passkey": passkey_rows_all,
-        })
+        return save_run(args.out, "quality", machine, args, started, final,
+                        window={"block_size": block, "memory_blocks": memory, "sink_tokens": sinks},
+                        books={name: len(ids) for name, ids in book_ids.items()}, notes=NOTES,
+                        perplexity=ppl_rows, passkey=passkey_rows_all)
 
     for label in args.modes:
         lm = load(label, args, args.full_context + PASSKEY_ANSWER_ROOM)

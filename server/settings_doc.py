@@ -66,7 +66,7 @@ def metrics_table() -> str:
     from .metrics import Metrics
 
     rows = ["| Metric | Type | Meaning |", "|---|---|---|"]
-    for family in Metrics(lambda: None).registry.collect():
+    for family in Metrics(lambda: None, lambda: None).registry.collect():
         name = family.name + "_total" if family.type == "counter" else family.name  # the sample name
         rows.append(f"| `{name}` | {family.type} | {_cell(family.documentation)} |")
     return "\n".join(rows) + "\n"

@@ -3,7 +3,7 @@ tokenizer and ChatML template), and the real default model (SmolLM2-135M) when i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 # slower; tests that measure nothing run single-threaded (server subprocesses get --threads 1 the same way).
 torch.set_num_threads(1)
 
+from server_process import ServerProcess  # noqa: E402
 from tiny_models import (make_tiny_model, save_tiny_folder, tiny_config_dict,  # noqa: F401
                          write_tiny_gguf)
 
@@ -53,6 +54,24 @@ def tiny_gguf_factory(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: 
 def tiny_gguf_file(request: pytest.FixtureRequest, tiny_gguf_factory: Callable[[str], Path]) -> Path:
     """The tiny model as GGUF; parametrize indirectly with a qtype name, F32 by default."""
     return tiny_gguf_factory(getattr(request, "param", "F32"))
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
+    """A factory: start_server(args, env=None, wait=True) -> a (ready) real server process, stopped at the end of
+    the session."""
+    started: list[ServerProcess] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
+        server = ServerProcess(args, tmp_path_factory.mktemp("server") / "server.log", env)
+        started.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

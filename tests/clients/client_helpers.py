@@ -1,25 +1,10 @@
 """Helpers shared by the client tests (a plain module: every conftest.py is module `conftest`, so tests cannot
-import from one by name): the server's flags, tests/server's ServerProcess, text files."""
+import from one by name): the server's flags and text files."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from pathlib import Path
-
-
-def _load_server_process():
-    """tests/server/server_process.py, loaded by path (that folder is not on sys.path here)."""
-    path = Path(__file__).parents[1] / "server" / "server_process.py"
-    spec = importlib.util.spec_from_file_location("server_process", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_server_process = _load_server_process()
-ServerProcess = _server_process.ServerProcess  # starts the server, waits for /ready, keeps its log
-free_port = _server_process.free_port
 
 API_KEY = "client-test-key"
 MODEL_NAME = "tiny-llama"

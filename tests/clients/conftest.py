@@ -7,26 +7,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from client_helpers import API_KEY, ServerProcess, server_args
+from client_helpers import API_KEY, server_args
+from server_process import ServerProcess
 
 from famserve.clients import FamserveClient
 
 
 @pytest.fixture(scope="session")
-def start_client_server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[Callable]:
-    """start(**flag overrides) -> a ready ServerProcess, stopped at the end of the session."""
-    started: list[ServerProcess] = []
-
-    def start(**overrides: object) -> ServerProcess:
-        folder = tmp_path_factory.mktemp("client-server")
-        server = ServerProcess(server_args(tiny_llama_dir, **overrides), folder / "server.log")
-        started.append(server)
-        server.wait_ready()
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+def start_client_server(start_server, tiny_llama_dir: Path) -> Callable[..., ServerProcess]:
+    """start(**flag overrides) -> a ready server with the client tests' flags (server_args)."""
+    return lambda **overrides: start_server(server_args(tiny_llama_dir, **overrides))
 
 
 @pytest.fixture(scope="session")

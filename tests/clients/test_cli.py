@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from client_helpers import API_KEY, MODEL_NAME, free_port, write_text_file
+from client_helpers import API_KEY, MODEL_NAME, write_text_file
+from server_process import free_port
 
 from famserve.clients import FamserveClient
 

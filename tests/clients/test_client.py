@@ -11,7 +11,8 @@ import pytest
 from famserve.clients import (Completion, FamserveAPIError, FamserveClient, FamserveConnectionError, IngestProgress,
                               TextStream)
 
-from client_helpers import API_KEY, MODEL_NAME, free_port, write_text_file
+from client_helpers import API_KEY, MODEL_NAME, write_text_file
+from server_process import free_port
 
 GREEDY = {"max_tokens": 8, "temperature": 0}
 

@@ -1,32 +1,18 @@
 """Real services for the deploy tests, on loopback and free ports: nginx running the router rule of
-deploy/nginx/famserve.conf in front of given replica ports, and tests/server's
-ServerProcess (a real famserve process). A plain module, importable by name (see deploy_files.py)."""
+deploy/nginx/famserve.conf in front of given replica ports. A plain module, importable by name (see
+deploy_files.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 from pathlib import Path
 
-from deploy_files import DEPLOY, REPO
+from deploy_files import DEPLOY
+from server_process import free_port
 from services import require_binary, stop_process, wait_listening
 
 NGINX_CONF = DEPLOY / "nginx" / "famserve.conf"
-
-
-def _load_server_process():
-    """tests/server/server_process.py, loaded by path (that folder is not on sys.path for these tests)."""
-    spec = importlib.util.spec_from_file_location("server_process", REPO / "tests" / "server" / "server_process.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_server_process = _load_server_process()
-ServerProcess = _server_process.ServerProcess  # a famserve process; wait_ready(), stop() -> exit status
-tiny_server_args = _server_process.tiny_server_args  # flags of a tiny-model server
-free_port = _server_process.free_port
 
 
 class NginxRouter:

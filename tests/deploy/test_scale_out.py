@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from deploy_services import NginxRouter, ServerProcess, tiny_server_args
+from deploy_services import NginxRouter
+from server_process import ServerProcess, tiny_server_args
 from services import RedisServer
 
 REPLICAS = ("famserve-1", "famserve-2")

@@ -1,5 +1,6 @@
 """Server fixtures: a real `python -m famserve.server.main` process on 127.0.0.1 and a free port, serving the tiny
-random model (one process for the whole session; modules that need other settings start their own)."""
+random model (one process for the whole session; modules that need other settings start their own with
+start_server, from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,6 @@ import httpx
 import pytest
 
 from server_process import TINY_SERVER_LIMITS, ServerProcess, tiny_server_args
-
-
-@pytest.fixture(scope="session")
-def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """A factory: start_server(args, env=None) -> a ready ServerProcess, stopped at the end of the session."""
-    started: list[ServerProcess] = []
-
-    def start(args: list[str], env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
-        server = ServerProcess(args, tmp_path_factory.mktemp("server") / "server.log", env)
-        started.append(server)
-        if wait:
-            server.wait_ready()
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
