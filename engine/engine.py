@@ -140,7 +140,7 @@ class LLMEngine:
         work = self.scheduler.schedule()
         for seq in work.admitted:
             self._admit(seq)
-        if work.admitted:  # before the first token goes out: a client that sees it must also see the slot taken
+        if work.admitted:  # before the first token goes out: a client that has it sees the slot taken
             self.refresh_stats()
         if not work.items:
             return
@@ -222,6 +222,7 @@ class LLMEngine:
         p: _Payload = seq.payload
         if p.request.state is None and p.state is not None:
             self._free_states.append(p.state)
+        self.refresh_stats()  # before the last output: a client that has its answer sees the slot free
         p.emit(RequestOutput(seq.request_id, finished=True, finish_reason=reason, error=error,
                              num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=len(seq.output_ids)))
 

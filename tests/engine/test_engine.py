@@ -247,3 +247,18 @@ def test_stats_count_tokens_fam_updates_steps_and_queue_time(model):
     assert stats.steps_total == stats.batch_size.count == 6  # one prefill step (13 <= 512), five decode steps
     assert stats.batch_size.sum == 6 and stats.preemptions_total == 0
     assert stats.queue_time_s.count == 1 and 0 <= stats.queue_time_s.sum < 5
+
+
+def test_gauges_are_current_when_outputs_go_out(model):
+    """A client that has its first token sees its slot taken, and one that has its last output sees it free: the
+    gauges are refreshed before those outputs are emitted, not only after the step."""
+    engine = LLMEngine(model, eos_token_ids=[], max_running=4)
+    seen: list[tuple[bool, int, int]] = []  # (finished, num_running, num_states_resident) at each emit
+
+    def emit(out) -> None:
+        seen.append((out.finished, engine.stats.num_running, engine.stats.num_states_resident))
+
+    engine.add(GenerationRequest("g", prompt(5, 0), SamplingParams(max_tokens=3, temperature=0)), emit)
+    while engine.has_work():
+        engine.step()
+    assert seen == [(False, 1, 1)] * 3 + [(True, 0, 0)]
