@@ -49,6 +49,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--passkey-fraction", type=float, default=0.5, help="share of PassKey batches when both")
     p.add_argument("--passkey-start-step", type=int, default=0, metavar="N",
                    help="curriculum: text only for the first N steps, then PassKey mixed in (needs --data)")
+    p.add_argument("--recall-fraction", type=float, default=0.0,
+                   help="share of recall batches: a text span repeated past the attention window, loss on the repeat "
+                        "only (a dense memory signal; needs --data)")
     p.add_argument("--passkey-beyond-window", type=int, default=0, metavar="N",
                    help="put every key 1..N blocks before the question's attention window, where only FAM can "
                         "carry it (default 0: the paper's layout, depth 0 half of the time)")
@@ -83,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig(model=args.model, out=args.out, data=tuple(args.data), passkey=args.passkey,
                           passkey_fraction=args.passkey_fraction, passkey_start_step=args.passkey_start_step,
-                          passkey_beyond_window=args.passkey_beyond_window,
+                          passkey_beyond_window=args.passkey_beyond_window, recall_fraction=args.recall_fraction,
                           steps=args.steps, seq_len=args.seq_len,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                           lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
@@ -106,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --- famserve eval -----------------------------------------------------------------------------------------------
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    ev = subparsers.add_parser("eval", help="evaluate a model: passkey retrieval, perplexity or chat answers")
+    ev = subparsers.add_parser("eval", help="evaluate a model: passkey retrieval, perplexity, chat answers or "
+                                             "recall past the window")
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
     pk = sub.add_parser("passkey", help="PassKey retrieval accuracy at several prompt lengths (paper D.1)")
@@ -137,6 +141,17 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     chat.add_argument("--batch-size", type=int, default=8, help="prompts prefilled and decoded together")
     chat.add_argument("--out", default="eval-chat.json", help="JSON results file")
     chat.set_defaults(func=cmd_eval_chat)
+
+    rc = sub.add_parser("recall", help="loss on a text span repeated past the attention window (memory, measured)")
+    _add_eval_model_args(rc)
+    rc.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files the spans come from")
+    rc.add_argument("--lengths", type=_csv_ints, default=[5120], help="sequence lengths in tokens (at least "
+                    "(M + 1) * L + L - S: the repeat's window must not reach the first copy)")
+    rc.add_argument("--trials", type=int, default=8, help="sequences per length")
+    rc.add_argument("--batch-size", type=int, default=4, help="sequences read together")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--out", default="eval-recall.json", help="JSON results file")
+    rc.set_defaults(func=cmd_eval_recall)
     return ev
 
 
@@ -242,6 +257,23 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
                                  "passed": a.passed, "reason": a.reason} for a in r.answers]})
 
     return _run_eval(args, "Chat answers", ["mode", "set", "passed", "share", "seconds"], payload, per_mode)
+
+
+def cmd_eval_recall(args: argparse.Namespace) -> int:
+    from famserve.engine.training.data import iter_text_tokens
+    from famserve.engine.training.evaluate import recall
+
+    def per_mode(loaded) -> Iterable[Row]:
+        ids = [t for piece in iter_text_tokens(args.text, loaded.tokenizer) for t in piece]
+        for r in recall(loaded.model, ids, args.lengths, args.trials, args.seed, args.batch_size, args.chunk_tokens):
+            yield ([r.mode, str(r.num_tokens), str(r.trials), f"{r.first_nll:.3f}", f"{r.repeat_nll:.3f}",
+                    f"{r.recalled:.1%}"],
+                   {"mode": r.mode, "num_tokens": r.num_tokens, "trials": r.trials, "span": r.span,
+                    "first_nll": r.first_nll, "repeat_nll": r.repeat_nll, "recalled": r.recalled})
+
+    return _run_eval(args, "Recall past the window",
+                     ["mode", "tokens", "trials", "NLL first seen", "NLL repeated", "recalled"],
+                     {"task": "recall", "text": args.text}, per_mode)
 
 
 def _set_threads(threads: int | None) -> None:

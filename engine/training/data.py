@@ -1,5 +1,6 @@
-"""Training batches for `famserve train`: random windows of tokenized text files (next-token loss everywhere) and
-text PassKey examples (loss on the key only), mixed at a fixed ratio, optionally text only for the first steps.
+"""Training batches for `famserve train`: random windows of tokenized text files (next-token loss everywhere), text
+PassKey examples (loss on the key only) and text recall examples (loss on a repeated span only), mixed at fixed
+ratios, optionally text only for the first steps.
 Everything draws from one random.Random whose state goes into training checkpoints, so a resumed run sees the
 batches it would have seen."""
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from famserve.engine.tokenizer import Tokenizer
-from famserve.engine.training.passkey import TextPassKey
+from famserve.engine.training.passkey import IGNORE, TextPassKey
 
 READ_CHARS = 1 << 20  # text is tokenized in pieces of about this many characters, cut at line ends
 
@@ -99,32 +100,77 @@ class PassKeyExamples:
         return rng.choice(starts)
 
 
+class RecallExamples:
+    """Text recall examples, a dense training signal for memory: after the S sink tokens a span of text fills the
+    rest of the first block, more text follows, and the sequence ends with the same span again, placed so that
+    the repeat's attention window holds neither the first copy nor (the sinks being other text) any of it. Labels
+    are on the repeat only, from its first token on (which predicts the second: nothing announces the first):
+    BSWA can only read it as new text, a working FAM can recall it. Needs seq_len >= (M + 1) * L + L - S."""
+
+    def __init__(self, text: TextWindows, seq_len: int, block_size: int, memory_blocks: int, sink_tokens: int):
+        self.span = block_size - sink_tokens
+        if self.span < 2:
+            raise ValueError(f"recall: a block of {block_size} tokens leaves no span after {sink_tokens} sinks")
+        self.repeat_start = seq_len - self.span
+        need = (memory_blocks + 1) * block_size + self.span
+        if seq_len < need:
+            raise ValueError(f"seq_len: recall examples need at least {need} tokens at L={block_size}, "
+                             f"M={memory_blocks}, S={sink_tokens} (the repeat's window must not reach the first copy)")
+        self.text, self.seq_len, self.sink_tokens = text, seq_len, sink_tokens
+
+    def sample(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, head = self.text.ids, self.sink_tokens + self.span
+        middle_len = self.repeat_start - head
+        if ids.numel() < 2 * (head + middle_len):
+            raise ValueError(f"--data: recall examples of {self.seq_len} tokens need text of at least "
+                             f"{2 * (head + middle_len)} tokens, not {ids.numel()}")
+        # The middle comes from elsewhere in the text: a window holding the span would let BSWA copy it.
+        a = rng.randrange(ids.numel() - head - middle_len + 1)
+        b = rng.randrange(ids.numel() - head - middle_len + 1)
+        first_at, middle_at = (a, b + head) if b >= a else (a + middle_len, b)
+        first = ids[first_at:first_at + head]  # sinks (other text), then the span
+        tokens = torch.cat([first, ids[middle_at:middle_at + middle_len], first[self.sink_tokens:]])
+        labels = torch.full_like(tokens, IGNORE)
+        labels[self.repeat_start:-1] = tokens[self.repeat_start + 1:]
+        return tokens, labels
+
+
 class BatchSource:
-    """Batches (tokens (B, T), labels (B, T)) from text windows and/or PassKey examples; with both, each batch is
-    PassKey with probability passkey_fraction, from step passkey_start_step on (a curriculum: text only before it).
+    """Batches (tokens (B, T), labels (B, T)) from text windows, PassKey and recall examples; each batch is PassKey
+    with probability passkey_fraction, recall with probability recall_fraction, text otherwise, from step
+    passkey_start_step on (a curriculum: text only before it).
 
     The batch of a step depends only on the random state and that step number (which a resumed run takes from its
     checkpoint), and the coin is drawn in the text-only steps too, so the first passkey_start_step batches are those
     of a text-only run with the same seed."""
 
     def __init__(self, batch_size: int, text: TextWindows | None, passkey: PassKeyExamples | None,
-                 passkey_fraction: float, seed: int, passkey_start_step: int = 0):
+                 passkey_fraction: float, seed: int, passkey_start_step: int = 0,
+                 recall: RecallExamples | None = None, recall_fraction: float = 0.0):
         if text is None and passkey is None:
             raise ValueError("training data: give text files (--data) and/or --passkey")
-        if passkey_start_step and (text is None or passkey is None):
-            raise ValueError("passkey_start_step: a curriculum needs both text (--data) and --passkey")
-        self.batch_size, self.text, self.passkey = batch_size, text, passkey
+        if passkey_start_step and (text is None or (passkey is None and recall is None)):
+            raise ValueError("passkey_start_step: a curriculum needs both text (--data) and --passkey or recall")
+        self.batch_size, self.text, self.passkey, self.recall = batch_size, text, passkey, recall
         self.passkey_fraction = 1.0 if text is None else (0.0 if passkey is None else passkey_fraction)
+        self.recall_fraction = 0.0 if recall is None else recall_fraction
+        if self.passkey_fraction + self.recall_fraction > 1.0:
+            raise ValueError(f"passkey_fraction + recall_fraction: must be <= 1, got "
+                             f"{self.passkey_fraction + self.recall_fraction}")
         self.passkey_start_step = passkey_start_step
         self.rng = random.Random(seed)
-        self.last_kind = ""  # "text" or "passkey": what the last batch was
+        self.last_kind = ""  # "text", "passkey" or "recall": what the last batch was
 
     def next_batch(self, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of 0-based training step `step`."""
-        coin = self.rng.random()
-        use_passkey = step >= self.passkey_start_step and coin < self.passkey_fraction
-        source = self.passkey if use_passkey else self.text
-        self.last_kind = "passkey" if use_passkey else "text"
+        coin = self.rng.random()  # one coin for every kind: runs without recall draw exactly as before it existed
+        self.last_kind = "text"
+        if step >= self.passkey_start_step:
+            if coin < self.passkey_fraction:
+                self.last_kind = "passkey"
+            elif coin < self.passkey_fraction + self.recall_fraction:
+                self.last_kind = "recall"
+        source = {"text": self.text, "passkey": self.passkey, "recall": self.recall}[self.last_kind]
         pairs = [source.sample(self.rng) for _ in range(self.batch_size)]
         tokens = torch.stack([p[0] for p in pairs])
         labels = torch.stack([p[1] for p in pairs])

@@ -1,6 +1,6 @@
-"""`famserve eval`: PassKey retrieval (paper D.1 prompts, greedy answer) and perplexity of long text, both through
-the streaming engine (ModelRunner), so they measure exactly what the server computes, for any model, mode and
-adapter, in memory that does not grow with the text."""
+"""`famserve eval`: PassKey retrieval (paper D.1 prompts, greedy answer), perplexity of long text and recall of a
+text span repeated past the attention window, all through the streaming engine (ModelRunner), so they measure
+exactly what the server computes, for any model, mode and adapter, in memory that does not grow with the text."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch.nn.functional as fn
 from famserve.engine.model import FamModel
 from famserve.engine.runner import ModelRunner
 from famserve.engine.tokenizer import Tokenizer
+from famserve.engine.training.data import RecallExamples, TextWindows
 from famserve.engine.training.passkey import TextPassKey
 
 
@@ -125,4 +126,53 @@ def passkey(model: FamModel, tokenizer: Tokenizer, lengths: Sequence[int], trial
                 result.correct += ok
                 result.outputs.append({"key": prompt.key, "generated": text, "correct": ok})
         results.append(result)
+    return results
+
+
+@dataclass
+class RecallResult:
+    mode: str
+    num_tokens: int  # sequence length
+    trials: int
+    span: int  # tokens of the repeated span
+    first_nll: float  # mean NLL of the span's tokens where they first appear (new text: memory cannot help)
+    repeat_nll: float  # mean NLL of the same tokens in the repeat, past the attention window (only memory helps)
+
+    @property
+    def recalled(self) -> float:
+        """Share of the first reading's loss the repeat saves: 0 = no memory of the span, 1 = recalled exactly."""
+        return 1.0 - self.repeat_nll / self.first_nll if self.first_nll else 0.0
+
+
+@torch.no_grad()
+def recall(model: FamModel, text_ids: Sequence[int], lengths: Sequence[int], trials: int = 8, seed: int = 0,
+           batch_size: int = 4, chunk_tokens: int = 512) -> list[RecallResult]:
+    """Recall of a text span repeated at the end of a sequence (data.RecallExamples at the model's L, M, S: the
+    repeat's attention window holds no part of the first copy): the NLL of the span's tokens where they first
+    appear and where they repeat. BSWA reads the repeat as new text; full attention copies it; FAM lies between,
+    by how much it remembers. Only the two spans' logits are ever materialised."""
+    fam = model.fam_config
+    runner = ModelRunner(model, max_step_tokens=chunk_tokens)
+    results = []
+    for length in lengths:
+        examples = RecallExamples(TextWindows(text_ids, length), length, fam.block_size, fam.memory_blocks,
+                                  fam.sink_tokens)
+        first = slice(fam.sink_tokens, fam.sink_tokens + examples.span)
+        rng = random.Random(f"{seed}-{length}")
+        first_total = repeat_total = 0.0
+        count = 0
+        for done in range(0, trials, batch_size):
+            batch = torch.stack([examples.sample(rng)[0] for _ in range(min(batch_size, trials - done))])
+            states = [model.new_state() for _ in batch]
+            heads = runner.run(states, list(batch[:, :first.stop]), all_logits=True)
+            runner.run(states, list(batch[:, first.stop:examples.repeat_start]))
+            tails = runner.run(states, list(batch[:, examples.repeat_start:]), all_logits=True)
+            targets = batch[:, first.start + 1:first.stop]  # the span's tokens after its first, in both copies
+            for head, tail, target in zip(heads, tails, targets):
+                target = target.to(head.device)
+                first_total += float(fn.cross_entropy(head[first.start:-1].double(), target, reduction="sum"))
+                repeat_total += float(fn.cross_entropy(tail[:-1].double(), target, reduction="sum"))
+                count += target.numel()
+        results.append(RecallResult(fam.describe(), length, trials, examples.span, first_total / count,
+                                    repeat_total / count))
     return results

@@ -139,6 +139,7 @@ class TrainConfig:
     passkey_fraction: float = 0.5  # with both data kinds: share of PassKey batches
     passkey_start_step: int = 0  # curriculum: text only before this step, then PassKey mixed in (needs both kinds)
     passkey_beyond_window: int = 0  # N > 0: every key 1..N blocks before the question's window (0: paper layout)
+    recall_fraction: float = 0.0  # share of recall batches (a text span repeated beyond the window; needs --data)
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this count)
     seq_len: int = 1024  # tokens per training sequence
     batch_size: int = 1  # sequences per step
@@ -180,12 +181,16 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         if not self.data and not self.passkey:
             raise ValueError("data: give text files (--data) and/or --passkey")
+        if not 0.0 <= self.recall_fraction <= 1.0:
+            raise ValueError(f"recall_fraction: must be in 0..1, got {self.recall_fraction}")
+        if self.recall_fraction and not self.data:
+            raise ValueError("recall_fraction: recall examples are made of text: give --data")
         if self.passkey_beyond_window < 0:
             raise ValueError(f"passkey_beyond_window: must be >= 0, got {self.passkey_beyond_window}")
         if self.passkey_start_step < 0:
             raise ValueError(f"passkey_start_step: must be >= 0, got {self.passkey_start_step}")
-        if self.passkey_start_step and not (self.data and self.passkey):
-            raise ValueError("passkey_start_step: a curriculum needs both text (--data) and --passkey")
+        if self.passkey_start_step and not (self.data and (self.passkey or self.recall_fraction)):
+            raise ValueError("passkey_start_step: a curriculum needs both text (--data) and --passkey or recall")
         FamConfig(mode="fam", block_size=self.block_size, memory_blocks=self.memory_blocks,
                   fam_length=self.fam_length, sink_tokens=self.sink_tokens)  # validates L, M, F, S
 
@@ -290,14 +295,18 @@ def _fit_schedule(trainer: FamTrainer, cfg: TrainConfig, seconds: float, done: i
 
 
 def _batch_source(cfg: TrainConfig, tokenizer):
-    from famserve.engine.training.data import BatchSource, PassKeyExamples, TextWindows, iter_text_tokens
+    from famserve.engine.training.data import (BatchSource, PassKeyExamples, RecallExamples, TextWindows,
+                                               iter_text_tokens)
     from famserve.engine.training.passkey import TextPassKey
 
     ids = [t for piece in iter_text_tokens(cfg.data, tokenizer) for t in piece] if cfg.data else []
     text = TextWindows(ids, cfg.seq_len) if ids else None
     passkey = PassKeyExamples(TextPassKey(tokenizer, ids or None), cfg.seq_len, cfg.block_size, cfg.memory_blocks,
                               cfg.passkey_beyond_window) if cfg.passkey else None
-    return BatchSource(cfg.batch_size, text, passkey, cfg.passkey_fraction, cfg.seed, cfg.passkey_start_step)
+    recall = (RecallExamples(text, cfg.seq_len, cfg.block_size, cfg.memory_blocks, cfg.sink_tokens)
+              if cfg.recall_fraction else None)
+    return BatchSource(cfg.batch_size, text, passkey, cfg.passkey_fraction, cfg.seed, cfg.passkey_start_step,
+                       recall, cfg.recall_fraction)
 
 
 def _config_dict(cfg: TrainConfig) -> dict:

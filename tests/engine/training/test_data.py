@@ -1,14 +1,17 @@
-"""PassKey training examples placed beyond the attention window (engine/training/data.py PassKeyExamples): every key
-sentence lies whole in one of the N blocks just before the window of the question's last token, all N distances
-occur, and a sequence too short for the layout is refused up front."""
+"""Training examples for memory (engine/training/data.py). PassKey beyond the attention window: every key sentence
+lies whole in one of the N blocks just before the window of the question's last token, all N distances occur, and a
+sequence too short for the layout is refused up front. Recall: the sequence ends with a repeat of the span after the
+sinks, out of the repeat's window, with loss on the repeat only. BatchSource mixes the kinds at their fractions, and
+a run without recall draws exactly the batches it drew before recall existed."""
 
 import random
 
 import pytest
+import torch
 
 from famserve.engine.build import load_model
 from famserve.engine.config import FamConfig
-from famserve.engine.training.data import PassKeyExamples
+from famserve.engine.training.data import BatchSource, PassKeyExamples, RecallExamples, TextWindows
 from famserve.engine.training.passkey import IGNORE, TextPassKey
 
 L, M = 16, 1
@@ -68,3 +71,46 @@ def test_a_sequence_too_short_for_the_layout_is_refused(passkey: TextPassKey) ->
         PassKeyExamples(passkey, overhead(passkey) + 2 * L, block_size=L, memory_blocks=M, beyond_window_blocks=3)
     with pytest.raises(ValueError, match="beyond_window_blocks: must be >= 0"):
         PassKeyExamples(passkey, overhead(passkey) + 8 * L, block_size=L, memory_blocks=M, beyond_window_blocks=-1)
+
+
+S = 2
+
+
+@pytest.fixture(scope="module")
+def text() -> TextWindows:
+    return TextWindows(list(range(1000, 1600)), 64)  # distinct ids: a copy is found only where it was put
+
+
+def test_recall_repeats_the_span_out_of_the_repeats_window(text: TextWindows) -> None:
+    seq_len = (M + 1) * L + (L - S) + 7
+    examples = RecallExamples(text, seq_len, block_size=L, memory_blocks=M, sink_tokens=S)
+    tokens, labels = examples.sample(random.Random(0))
+    span, start = L - S, seq_len - (L - S)
+    assert tokens.shape == labels.shape == (seq_len,)
+    assert torch.equal(tokens[start:], tokens[S:S + span])  # the repeat is the span after the sinks
+    assert not set(tokens[:S].tolist()) & set(tokens[S:S + span].tolist())  # the sinks hold none of it
+    assert (start // L - M) * L >= S + span  # the repeat's first labelled position cannot see the first copy
+    labelled = (labels != IGNORE).nonzero().flatten().tolist()
+    assert labelled == list(range(start, seq_len - 1))
+    assert torch.equal(labels[start:-1], tokens[start + 1:])
+    with pytest.raises(ValueError, match=f"recall examples need at least {(M + 1) * L + span} tokens"):
+        RecallExamples(text, (M + 1) * L + span - 1, block_size=L, memory_blocks=M, sink_tokens=S)
+
+
+def test_batches_mix_the_kinds_and_runs_without_recall_draw_as_before(passkey: TextPassKey, text: TextWindows) -> None:
+    seq_len = overhead(passkey) + 4 * L
+    text = TextWindows(text.ids.tolist(), seq_len)
+    keys = PassKeyExamples(passkey, seq_len, block_size=L, memory_blocks=M)
+    recall = RecallExamples(text, seq_len, block_size=L, memory_blocks=M, sink_tokens=S)
+    mixed = BatchSource(1, text, keys, passkey_fraction=0.3, seed=5, recall=recall, recall_fraction=0.4)
+    kinds = []
+    for step in range(200):
+        mixed.next_batch(step)
+        kinds.append(mixed.last_kind)
+    assert 40 <= kinds.count("passkey") <= 80 and 60 <= kinds.count("recall") <= 100
+    without, before = (BatchSource(2, text, keys, passkey_fraction=0.5, seed=9, recall=recall, recall_fraction=0.0),
+                       BatchSource(2, text, keys, passkey_fraction=0.5, seed=9))
+    for step in range(6):
+        assert all(torch.equal(a, b) for a, b in zip(without.next_batch(step), before.next_batch(step)))
+    with pytest.raises(ValueError, match="passkey_fraction \\+ recall_fraction: must be <= 1, got 1.2"):
+        BatchSource(1, text, keys, passkey_fraction=0.6, seed=0, recall=recall, recall_fraction=0.6)

@@ -157,6 +157,10 @@ def test_bad_config_names_the_field(tiny_llama_dir, tmp_path):
         config(tiny_llama_dir, tmp_path, passkey_start_step=-1)
     with pytest.raises(ValueError, match="passkey_start_step: a curriculum needs both text"):
         config(tiny_llama_dir, tmp_path, passkey_start_step=5, data=())
+    with pytest.raises(ValueError, match="recall_fraction: recall examples are made of text"):
+        config(tiny_llama_dir, tmp_path, recall_fraction=0.5, data=())
+    with pytest.raises(ValueError, match="recall_fraction: must be in 0..1, got 1.5"):
+        config(tiny_llama_dir, tmp_path, recall_fraction=1.5)
     with pytest.raises(ValueError, match="passkey_beyond_window: must be >= 0, got -2"):
         config(tiny_llama_dir, tmp_path, passkey_beyond_window=-2)
     with pytest.raises(ValueError, match="seq_len: 200 tokens leave no room for a key 9 blocks beyond the window"):
@@ -224,3 +228,11 @@ def test_bf16_autocast_trains_close_to_float32(tiny_llama_dir, tmp_path):
     assert all(loss == loss and loss < 20 for loss in logs["bfloat16"])
     adapter = torch.load(runs["bfloat16"].checkpoint_path, weights_only=True)["trainer"]["params"]
     assert all(t.dtype == torch.float32 for t in adapter.values())
+
+
+def test_recall_batches_train_and_are_logged(tiny_llama_dir, tmp_path):
+    cfg = config(tiny_llama_dir, tmp_path, passkey=False, recall_fraction=0.5, steps=6, checkpoint_every=0)
+    result = train(cfg, progress=False)
+    log = [json.loads(line) for line in cfg.paths()[2].read_text().splitlines()]
+    assert result.steps == 6 and {r["data"] for r in log} == {"text", "recall"}
+    assert all(r["loss"] > 0 for r in log)
