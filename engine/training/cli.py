@@ -266,13 +266,14 @@ def cmd_eval_recall(args: argparse.Namespace) -> int:
     def per_mode(loaded) -> Iterable[Row]:
         ids = [t for piece in iter_text_tokens(args.text, loaded.tokenizer) for t in piece]
         for r in recall(loaded.model, ids, args.lengths, args.trials, args.seed, args.batch_size, args.chunk_tokens):
-            yield ([r.mode, str(r.num_tokens), str(r.trials), f"{r.first_nll:.3f}", f"{r.repeat_nll:.3f}",
-                    f"{r.recalled:.1%}"],
+            yield ([r.mode, str(r.num_tokens), str(r.trials), f"{r.first_nll:.3f}", f"{r.control_nll:.3f}",
+                    f"{r.repeat_nll:.3f}", f"{r.recalled:.1%}"],
                    {"mode": r.mode, "num_tokens": r.num_tokens, "trials": r.trials, "span": r.span,
-                    "first_nll": r.first_nll, "repeat_nll": r.repeat_nll, "recalled": r.recalled})
+                    "first_nll": r.first_nll, "control_nll": r.control_nll, "repeat_nll": r.repeat_nll,
+                    "recalled": r.recalled})
 
-    return _run_eval(args, "Recall past the window",
-                     ["mode", "tokens", "trials", "NLL first seen", "NLL repeated", "recalled"],
+    return _run_eval(args, "Recall past the window (NLL per token of the span)",
+                     ["mode", "tokens", "trials", "first seen", "unseen (control)", "repeated", "recalled"],
                      {"task": "recall", "text": args.text}, per_mode)
 
 

@@ -135,22 +135,25 @@ class RecallResult:
     num_tokens: int  # sequence length
     trials: int
     span: int  # tokens of the repeated span
-    first_nll: float  # mean NLL of the span's tokens where they first appear (new text: memory cannot help)
-    repeat_nll: float  # mean NLL of the same tokens in the repeat, past the attention window (only memory helps)
+    first_nll: float  # mean NLL of the span's tokens where they first appear (new text)
+    repeat_nll: float  # mean NLL of the same tokens in the repeat, past the attention window
+    control_nll: float  # the same, in the same sequences with the first copy replaced by other text
 
     @property
     def recalled(self) -> float:
-        """Share of the first reading's loss the repeat saves: 0 = no memory of the span, 1 = recalled exactly."""
-        return 1.0 - self.repeat_nll / self.first_nll if self.first_nll else 0.0
+        """Share of the repeat's loss the first copy saves: 0 = nothing remembered, 1 = all."""
+        return 1.0 - self.repeat_nll / self.control_nll if self.control_nll else 0.0
 
 
 @torch.no_grad()
 def recall(model: FamModel, text_ids: Sequence[int], lengths: Sequence[int], trials: int = 8, seed: int = 0,
            batch_size: int = 4, chunk_tokens: int = 512) -> list[RecallResult]:
     """Recall of a text span repeated at the end of a sequence (data.RecallExamples at the model's L, M, S: the
-    repeat's attention window holds no part of the first copy): the NLL of the span's tokens where they first
-    appear and where they repeat. BSWA reads the repeat as new text; full attention copies it; FAM lies between,
-    by how much it remembers. Only the two spans' logits are ever materialised."""
+    repeat's attention window holds no part of the first copy). Each sequence is read twice: as it is, and with
+    the first copy replaced by another span (the control: nothing to remember, all else equal: position, mode,
+    weights). The repeat's NLL against the control's is what memory bought: BSWA reaches the first copy only
+    through its windows stacked layer over layer, so it recalls little; full attention copies it; FAM lies
+    between, by how much it remembers. Only the spans' logits are ever materialised."""
     fam = model.fam_config
     runner = ModelRunner(model, max_step_tokens=chunk_tokens)
     results = []
@@ -159,20 +162,28 @@ def recall(model: FamModel, text_ids: Sequence[int], lengths: Sequence[int], tri
                                   fam.sink_tokens)
         first = slice(fam.sink_tokens, fam.sink_tokens + examples.span)
         rng = random.Random(f"{seed}-{length}")
-        first_total = repeat_total = 0.0
+        totals = {"first": 0.0, "repeat": 0.0, "control": 0.0}
         count = 0
         for done in range(0, trials, batch_size):
-            batch = torch.stack([examples.sample(rng)[0] for _ in range(min(batch_size, trials - done))])
-            states = [model.new_state() for _ in batch]
-            heads = runner.run(states, list(batch[:, :first.stop]), all_logits=True)
-            runner.run(states, list(batch[:, first.stop:examples.repeat_start]))
-            tails = runner.run(states, list(batch[:, examples.repeat_start:]), all_logits=True)
-            targets = batch[:, first.start + 1:first.stop]  # the span's tokens after its first, in both copies
-            for head, tail, target in zip(heads, tails, targets):
-                target = target.to(head.device)
-                first_total += float(fn.cross_entropy(head[first.start:-1].double(), target, reduction="sum"))
-                repeat_total += float(fn.cross_entropy(tail[:-1].double(), target, reduction="sum"))
+            batch, controls = [], []
+            for _ in range(min(batch_size, trials - done)):
+                tokens = examples.sample(rng)[0]
+                control = tokens.clone()
+                control[first] = examples.sample(rng)[0][first]  # another span where the first copy was
+                batch.append(tokens)
+                controls.append(control)
+            both = torch.stack(batch + controls)
+            states = [model.new_state() for _ in both]
+            heads = runner.run(states, list(both[:, :first.stop]), all_logits=True)
+            runner.run(states, list(both[:, first.stop:examples.repeat_start]))
+            tails = runner.run(states, list(both[:, examples.repeat_start:]), all_logits=True)
+            b = len(batch)
+            for i, tokens in enumerate(batch):
+                target = tokens[first.start + 1:first.stop].to(heads[i].device)  # the span after its first token
+                for name, logits in (("first", heads[i][first.start:-1]), ("repeat", tails[i][:-1]),
+                                     ("control", tails[b + i][:-1])):
+                    totals[name] += float(fn.cross_entropy(logits.double(), target, reduction="sum"))
                 count += target.numel()
-        results.append(RecallResult(fam.describe(), length, trials, examples.span, first_total / count,
-                                    repeat_total / count))
+        results.append(RecallResult(fam.describe(), length, trials, examples.span, totals["first"] / count,
+                                    totals["repeat"] / count, totals["control"] / count))
     return results

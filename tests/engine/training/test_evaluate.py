@@ -137,22 +137,31 @@ def test_recall_nlls_equal_all_at_once(tiny_llama_dir, mode):
     got = recall(model, ids, [length], trials=3, seed=4, batch_size=2, chunk_tokens=7)[0]
     examples = RecallExamples(TextWindows(ids, length), length, 16, 1, 2)
     rng = __import__("random").Random(f"4-{length}")  # the sequences recall() read, drawn the same way
-    first = repeat = 0.0
-    for _ in range(3):
-        tokens, labels = examples.sample(rng)
+    first = repeat = control = 0.0
+
+    def nll(tokens: torch.Tensor) -> torch.Tensor:
         logits = sequence_logits(model, model.fam_config, tokens[None])[0].double()
-        nll = torch.nn.functional.cross_entropy(logits[:-1], tokens[1:], reduction="none")
-        first += float(nll[2:2 + examples.span - 1].sum())
-        repeat += float(nll[examples.repeat_start:].sum())
+        return torch.nn.functional.cross_entropy(logits[:-1], tokens[1:], reduction="none")
+
+    for _ in range(3):
+        tokens = examples.sample(rng)[0]
+        other = tokens.clone()
+        other[2:2 + examples.span] = examples.sample(rng)[0][2:2 + examples.span]
+        first += float(nll(tokens)[2:2 + examples.span - 1].sum())
+        repeat += float(nll(tokens)[examples.repeat_start:].sum())
+        control += float(nll(other)[examples.repeat_start:].sum())
     count = 3 * (examples.span - 1)
     assert (got.span, got.trials, got.num_tokens) == (14, 3, length)
     assert got.first_nll == pytest.approx(first / count, abs=1e-5)
     assert got.repeat_nll == pytest.approx(repeat / count, abs=1e-5)
+    assert got.control_nll == pytest.approx(control / count, abs=1e-5)
+
 
 
 @pytest.mark.model
 def test_full_attention_recalls_a_repeated_span_and_bswa_cannot(smollm2_path, texts_for_recall):
-    """SmolLM2 copies a span it can see (full attention); with the span past its window, BSWA reads it as new."""
+    """SmolLM2 copies a span it can see (full attention); with the span past its window, BSWA reads it about as it
+    reads the span after other text (only its stacked windows, layer over layer, reach back that far)."""
     fam = FamConfig(block_size=128, memory_blocks=1, sink_tokens=4)
     shares = {}
     for mode in ("full", "bswa"):
@@ -160,7 +169,7 @@ def test_full_attention_recalls_a_repeated_span_and_bswa_cannot(smollm2_path, te
         ids = loaded.tokenizer.encode(texts_for_recall)
         shares[mode] = recall(loaded.model, ids, [400], trials=4, batch_size=4)[0].recalled
     assert shares["full"] > 0.6
-    assert abs(shares["bswa"]) < 0.15
+    assert abs(shares["bswa"]) < 0.05
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +193,7 @@ def test_eval_recall_command_writes_json(tiny_llama_dir, tmp_path, capsys):
     assert [(r["mode"], r["num_tokens"]) for r in payload["results"]] == [
         ("bswa (L=16 M=1 S=2)", 48), ("bswa (L=16 M=1 S=2)", 64), ("fam (L=16 M=1 F=4 S=2)", 48),
         ("fam (L=16 M=1 F=4 S=2)", 64)]
-    assert all(r["recalled"] == pytest.approx(1 - r["repeat_nll"] / r["first_nll"]) for r in payload["results"])
+    assert all(r["recalled"] == pytest.approx(1 - r["repeat_nll"] / r["control_nll"]) for r in payload["results"])
     assert "Recall past the window" in capsys.readouterr().out
     args = parser().parse_args(["eval", "recall", "--model", str(tiny_llama_dir), "--text", str(text),
                                 "--block-size", "16", "--memory-blocks", "1", "--lengths", "40", "--out", str(out)])
