@@ -17,7 +17,8 @@ is a pass over the weights per step that costs about what merging saves (docs/tr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as fn
@@ -46,10 +47,13 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             self.lora_a.copy_(torch.rand(self.lora_a.shape, generator=generator) * 2 * bound - bound)
         self.merge: bool | None = None  # None: merged on a GPU or under autocast; True/False force one form
+        self.enabled = True  # False: compute the frozen base alone (the distillation teacher, see lora_disabled)
         self._merged: torch.Tensor | None = None  # (out, in) W' in the compute dtype
         self._merged_key: tuple | None = None  # what _merged was formed from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         device = x.device.type
         autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves float64 alone
         merge = (device == "cuda" or autocast) if self.merge is None else self.merge
@@ -120,6 +124,20 @@ def apply_lora(model: FamModel, targets: Iterable[str] = ALL_TARGETS, rank: int 
                 setattr(module, attr, LoRALinear(child, rank, alpha, generator))
                 wrapped.append(f"model.layers.{name}.{attr}")
     return sorted(wrapped)
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block the wrapped modules compute their frozen base weights only: the model as it was before
+    LoRA, which `famserve train --distill-weight` reads as its teacher without holding a second copy."""
+    modules = list(lora_modules(model).values())
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.enabled = True
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

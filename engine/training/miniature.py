@@ -123,7 +123,7 @@ def evaluate(mini: Miniature, lengths: Sequence[int], samples: int = 256, seed: 
             n = min(batch_size, samples - done)
             tokens, labels = miniature_batch(n, length, generator)
             out = forward_sequence(mini.model, mini.config.fam, tokens, fam_prompt=mini.fam_prompt)
-            _, predictions = masked_loss(mini.model, out.hidden, labels)
+            predictions = masked_loss(mini.model, out.hidden, labels).predictions
             right = (predictions == labels[labels != -100]).view(n, KEY_LENGTH)
             digits_right += int(right.sum())
             keys_right += int(right.all(dim=1).sum())

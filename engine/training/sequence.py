@@ -264,27 +264,57 @@ def sequence_logits(model: FamModel, fam: FamConfig, token_ids: torch.Tensor, **
     return model.logits(forward_sequence(model, fam, token_ids, **kwargs).hidden)
 
 
-def masked_loss(model: FamModel, hidden: torch.Tensor, labels: torch.Tensor,
-                chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class LossTerms:
+    """What masked_loss measured over the labelled positions of a batch."""
+
+    loss: torch.Tensor  # what training minimises: cross_entropy, or (1 - w) * cross_entropy + w * kl with a teacher
+    cross_entropy: torch.Tensor  # mean over the labelled positions
+    kl: torch.Tensor | None  # mean KL(teacher || model) there; None without a teacher
+    predictions: torch.Tensor  # (n,) the argmax there
+
+
+def masked_loss(model: FamModel, hidden: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 1024,
+                teacher_hidden: torch.Tensor | None = None, distill_weight: float = 0.0) -> LossTerms:
     """Mean cross-entropy over the labelled positions (labels != -100) of hidden (B, T, C), and the argmax
-    predictions there (n,). Logits are formed only for labelled rows, `chunk_rows` at a time under activation
-    checkpointing, so a long text sequence never holds (B, T, V) logits (with their gradient) at once."""
+    predictions there. Logits are formed only for labelled rows, `chunk_rows` at a time under activation
+    checkpointing, so a long text sequence never holds (B, T, V) logits (with their gradient) at once.
+
+    With `teacher_hidden` (B, T, C), the last-layer rows of a teacher reading the same tokens (no gradient), the
+    loss mixes in distillation: (1 - w) * cross-entropy + w * KL(teacher || model), w = distill_weight, the
+    teacher's whole next-token distribution as a soft target on every labelled position."""
     keep = labels != -100  # (B, T)
     rows, targets = hidden[keep], labels[keep]  # (n, C), (n,)
     if targets.numel() == 0:
         raise ValueError("labels: no labelled position in the batch")
+    if not 0.0 <= distill_weight <= 1.0:
+        raise ValueError(f"distill_weight: must be in 0..1, got {distill_weight}")
+    teacher_rows = None if teacher_hidden is None else teacher_hidden[keep].detach()  # (n, C)
 
-    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def chunk_terms(h: torch.Tensor, t: torch.Tensor, th: torch.Tensor | None):
         logits = model.logits(h)  # (rows, V)
-        return fn.cross_entropy(logits, t, reduction="sum"), logits.argmax(-1)
+        ce = fn.cross_entropy(logits, t, reduction="sum")
+        if th is None:
+            return ce, ce.new_zeros(()), logits.argmax(-1)
+        with torch.no_grad():
+            teacher_logp = fn.log_softmax(model.logits(th), dim=-1)
+        kl = fn.kl_div(fn.log_softmax(logits, dim=-1), teacher_logp, log_target=True, reduction="sum")
+        return ce, kl, logits.argmax(-1)
 
-    total, predictions = hidden.new_zeros((), dtype=torch.float32), []
+    ce_total = hidden.new_zeros((), dtype=torch.float32)
+    kl_total, predictions = ce_total.clone(), []
     for i in range(0, targets.numel(), chunk_rows):
         h, t = rows[i:i + chunk_rows], targets[i:i + chunk_rows]
+        th = None if teacher_rows is None else teacher_rows[i:i + chunk_rows]
         if torch.is_grad_enabled() and targets.numel() > chunk_rows:
-            loss, pred = activation_checkpoint(chunk_loss, h, t, use_reentrant=False)
+            ce, kl, pred = activation_checkpoint(chunk_terms, h, t, th, use_reentrant=False)
         else:
-            loss, pred = chunk_loss(h, t)
-        total = total + loss
+            ce, kl, pred = chunk_terms(h, t, th)
+        ce_total, kl_total = ce_total + ce, kl_total + kl
         predictions.append(pred)
-    return total / targets.numel(), torch.cat(predictions)
+    ce_mean = ce_total / targets.numel()
+    if teacher_rows is None:
+        return LossTerms(ce_mean, ce_mean, None, torch.cat(predictions))
+    kl_mean = kl_total / targets.numel()
+    return LossTerms((1 - distill_weight) * ce_mean + distill_weight * kl_mean, ce_mean, kl_mean,
+                     torch.cat(predictions))

@@ -21,7 +21,7 @@ from torch import nn
 
 from famserve.engine.config import FamConfig
 from famserve.engine.model import FamModel
-from famserve.engine.training.lora import ALL_TARGETS, apply_lora, export_adapter, lora_parameters
+from famserve.engine.training.lora import ALL_TARGETS, apply_lora, export_adapter, lora_disabled, lora_parameters
 from famserve.engine.training.sequence import default_fam_prompt, forward_sequence, masked_loss
 
 log = logging.getLogger(__name__)
@@ -29,22 +29,34 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepResult:
-    loss: float  # mean cross-entropy over the labelled positions
+    loss: float  # what was minimised: the mean cross-entropy over the labelled positions, mixed with kl if distilling
     accuracy: float  # argmax accuracy there
     num_tokens: int  # tokens in the batch
     seconds: float
+    cross_entropy: float = float("nan")  # mean cross-entropy there (= loss without distillation)
+    kl: float | None = None  # mean KL(teacher || model) there, when distilling
 
 
 class FamTrainer:
     """AdamW over `params` (by name; the FAM prompt among them when F > 0) with linear warmup then cosine decay to
-    10% (or constant), gradient clipping, and Random State Passing of the FAM between steps."""
+    10% (or constant), gradient clipping, and Random State Passing of the FAM between steps.
+
+    With distill_weight w > 0 every step also reads its batch with the base model (LoRA off) in full attention, the
+    teacher, and minimises (1 - w) * cross-entropy + w * KL(teacher || model) on the labelled positions: the
+    teacher sees the whole sequence, so wherever the window hides what it uses, only FAM can match it, and
+    wherever it does not, matching it keeps the base model's behaviour (chat included), which plain
+    cross-entropy on novels wore away (docs/training.md)."""
 
     def __init__(self, model: FamModel, fam: FamConfig, params: dict[str, nn.Parameter],
                  fam_prompt: nn.Parameter | None, *, lr: float, total_steps: int, warmup_steps: int = 0,
                  schedule: str = "cosine", weight_decay: float = 0.0, rsp_prob: float = 0.8, grad_clip: float = 1.0,
-                 checkpoint_layers: bool = True, seed: int = 0, autocast_bf16: bool = False):
+                 checkpoint_layers: bool = True, seed: int = 0, autocast_bf16: bool = False,
+                 distill_weight: float = 0.0):
         if fam.num_fam_rows and fam_prompt is None:
             raise ValueError("fam_prompt: fam mode trains a FAM prompt; pass one")
+        if not 0.0 <= distill_weight <= 1.0:
+            raise ValueError(f"distill_weight: must be in 0..1, got {distill_weight}")
+        self.distill_weight = distill_weight
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule: {schedule!r} is not one of cosine, constant")
         self.model, self.fam, self.fam_prompt = model, fam, fam_prompt
@@ -86,10 +98,12 @@ class FamTrainer:
         tokens, labels = tokens.to(device), labels.to(device)
         start, fresh = self.start_fam(tokens.shape[0])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            teacher = self.teacher_hidden(tokens) if self.distill_weight else None
             out = forward_sequence(self.model, self.fam, tokens, start_fam=start, fresh=fresh,
                                    checkpoint=self.checkpoint_layers)
-            loss, predictions = masked_loss(self.model, out.hidden, labels)
-        loss = loss.float()
+            terms = masked_loss(self.model, out.hidden, labels, teacher_hidden=teacher,
+                                distill_weight=self.distill_weight)
+        loss = terms.loss.float()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:
@@ -99,8 +113,15 @@ class FamTrainer:
         if out.num_fam_updates:  # a sequence shorter than a block leaves FAM_0 (fresh): nothing new to carry
             self.carried = out.fam.detach().float()
         self.step_count += 1
-        accuracy = (predictions == labels[labels != -100]).float().mean().item()
-        return StepResult(loss.item(), accuracy, tokens.numel(), time.perf_counter() - started)
+        accuracy = (terms.predictions == labels[labels != -100]).float().mean().item()
+        return StepResult(loss.item(), accuracy, tokens.numel(), time.perf_counter() - started,
+                          terms.cross_entropy.item(), None if terms.kl is None else terms.kl.item())
+
+    @torch.no_grad()
+    def teacher_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) the base model's last-layer rows for the batch: LoRA off, full causal attention."""
+        with lora_disabled(self.model):
+            return forward_sequence(self.model, FamConfig(mode="full"), tokens, checkpoint=False).hidden
 
     @property
     def lr(self) -> float:
@@ -140,6 +161,7 @@ class TrainConfig:
     passkey_start_step: int = 0  # curriculum: text only before this step, then PassKey mixed in (needs both kinds)
     passkey_beyond_window: int = 0  # N > 0: every key 1..N blocks before the question's window (0: paper layout)
     recall_fraction: float = 0.0  # share of recall batches (a text span repeated beyond the window; needs --data)
+    distill_weight: float = 0.0  # w: minimise (1 - w) * CE + w * KL(base model in full attention || model)
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this count)
     seq_len: int = 1024  # tokens per training sequence
     batch_size: int = 1  # sequences per step
@@ -185,6 +207,8 @@ class TrainConfig:
             raise ValueError(f"recall_fraction: must be in 0..1, got {self.recall_fraction}")
         if self.recall_fraction and not self.data:
             raise ValueError("recall_fraction: recall examples are made of text: give --data")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight: must be in 0..1, got {self.distill_weight}")
         if self.passkey_beyond_window < 0:
             raise ValueError(f"passkey_beyond_window: must be >= 0, got {self.passkey_beyond_window}")
         if self.passkey_start_step < 0:
@@ -230,6 +254,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         torch.backends.cudnn.allow_tf32 = True
     loaded = load_model(cfg.model, cfg.fam, mode="bswa", engine=EngineConfig(device=cfg.device))
     model, tokenizer = loaded.model, loaded.tokenizer
+    if cfg.distill_weight and cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"distill_weight: the teacher reads {cfg.seq_len}-token sequences with full attention, "
+                         f"past the {model.config.max_position_embeddings} tokens {loaded.model_id} was trained for")
     fam = cfg.fam
     apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     prompt = nn.Parameter(default_fam_prompt(model, fam.fam_length))
@@ -238,7 +265,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     trainer = FamTrainer(model, fam, params, prompt, lr=cfg.lr, total_steps=cfg.steps,
                          warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, rsp_prob=cfg.rsp_prob,
                          grad_clip=cfg.grad_clip, checkpoint_layers=cfg.grad_checkpoint, seed=cfg.seed,
-                         autocast_bf16=cfg.precision == "bfloat16")
+                         autocast_bf16=cfg.precision == "bfloat16", distill_weight=cfg.distill_weight)
     batches = _batch_source(cfg, tokenizer)
     adapter_path, ckpt_path, log_path = cfg.paths()
     if cfg.resume:
@@ -262,6 +289,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 _fit_schedule(trainer, cfg, seconds, trainer.step_count - first_step, last.seconds)
             record = {"step": trainer.step_count, "data": batches.last_kind, "loss": round(last.loss, 5),
                       "accuracy": round(last.accuracy, 4), "lr": trainer.lr, "seconds": round(last.seconds, 3)}
+            if last.kl is not None:
+                record.update(cross_entropy=round(last.cross_entropy, 5), kl=round(last.kl, 5))
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             bar.update(last, trainer.lr)

@@ -118,7 +118,7 @@ def test_gradients_reach_prompt_and_lora_and_checkpointing_matches():
         model.zero_grad()
         prompt.grad = None
         out = forward_sequence(model, fam_cfg, tokens, fam_prompt=prompt, checkpoint=checkpoint)
-        masked_loss(model, out.hidden, labels)[0].backward()
+        masked_loss(model, out.hidden, labels).loss.backward()
         params = [prompt] + [p for m in lora_modules(model).values() for p in (m.lora_a, m.lora_b)]
         grads.append([p.grad.clone() for p in params])
     for g in grads[0]:
@@ -134,12 +134,41 @@ def test_masked_loss_chunks_equal_one_pass():
     tokens = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(10))
     hidden = forward_sequence(model, fam_cfg, tokens).hidden
     labels = torch.roll(tokens, -1, dims=1)
-    whole, pred_whole = masked_loss(model, hidden, labels, chunk_rows=1000)
-    chunked, pred_chunked = masked_loss(model, hidden, labels, chunk_rows=7)
+    whole = masked_loss(model, hidden, labels, chunk_rows=1000)
+    chunked = masked_loss(model, hidden, labels, chunk_rows=7)
     want = torch.nn.functional.cross_entropy(model.logits(hidden).flatten(0, 1), labels.flatten())
-    torch.testing.assert_close(whole, want, atol=1e-12, rtol=0)
-    torch.testing.assert_close(chunked, want, atol=1e-12, rtol=0)
-    assert torch.equal(pred_whole, pred_chunked)
+    for terms in (whole, chunked):
+        torch.testing.assert_close(terms.loss, want, atol=1e-12, rtol=0)
+        torch.testing.assert_close(terms.cross_entropy, want, atol=1e-12, rtol=0)
+        assert terms.kl is None
+    assert torch.equal(whole.predictions, chunked.predictions)
+
+
+def test_masked_loss_distills_the_teachers_distribution():
+    """With a teacher's rows the loss is (1 - w) * CE + w * KL(teacher || model) on the labelled positions, in
+    chunks or in one pass; a teacher identical to the model costs no KL."""
+    fam_cfg = FamConfig(mode="bswa", block_size=6, memory_blocks=1, sink_tokens=0)
+    model = random_model(tiny_config(), fam_cfg, seed=9)
+    tokens = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(10))
+    hidden = forward_sequence(model, fam_cfg, tokens).hidden
+    teacher = forward_sequence(model, FamConfig(mode="full"), tokens).hidden  # sees what the window hides
+    labels = torch.roll(tokens, -1, dims=1)
+    labels[0, :9] = -100
+    keep = labels != -100
+    student_logp = model.logits(hidden)[keep].log_softmax(-1)
+    teacher_logp = model.logits(teacher)[keep].log_softmax(-1)
+    want_kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
+    want_ce = torch.nn.functional.nll_loss(student_logp, labels[keep])
+    assert want_kl > 1e-3  # the window matters for these tokens, so the teacher differs
+    for chunk_rows in (1000, 7):
+        terms = masked_loss(model, hidden, labels, chunk_rows=chunk_rows, teacher_hidden=teacher, distill_weight=0.25)
+        torch.testing.assert_close(terms.kl, want_kl, atol=1e-12, rtol=0)
+        torch.testing.assert_close(terms.cross_entropy, want_ce, atol=1e-12, rtol=0)
+        torch.testing.assert_close(terms.loss, 0.75 * want_ce + 0.25 * want_kl, atol=1e-12, rtol=0)
+    same = masked_loss(model, hidden, labels, teacher_hidden=hidden, distill_weight=1.0)
+    assert abs(same.kl.item()) < 1e-12 and abs(same.loss.item()) < 1e-12
+    with pytest.raises(ValueError, match="distill_weight"):
+        masked_loss(model, hidden, labels, teacher_hidden=teacher, distill_weight=1.5)
 
 
 def _lora_model(seed: int) -> tuple[FamModel, FamConfig, torch.nn.Parameter]:
@@ -159,7 +188,7 @@ def _loss_and_grads(model, fam_cfg, prompt, tokens, labels, merge: bool, checkpo
     model.zero_grad()
     prompt.grad = None
     out = forward_sequence(model, fam_cfg, tokens, fam_prompt=prompt, checkpoint=checkpoint)
-    loss = masked_loss(model, out.hidden, labels)[0]
+    loss = masked_loss(model, out.hidden, labels).loss
     loss.backward()
     params = [prompt] + [p for m in lora_modules(model).values() for p in (m.lora_a, m.lora_b)]
     return loss.detach(), out.fam.detach(), [p.grad.clone() for p in params]
@@ -194,7 +223,7 @@ def test_merged_weight_is_formed_once_per_step():
     module = lora_modules(model)["model.layers.0.mlp.up_proj"]
     out = forward_sequence(model, fam_cfg, tokens, fam_prompt=prompt, checkpoint=True)
     formed = module._merged
-    masked_loss(model, out.hidden, tokens)[0].backward()  # the recompute calls up_proj 1 + 4 more times
+    masked_loss(model, out.hidden, tokens).loss.backward()  # the recompute calls up_proj 1 + 4 more times
     assert module._merged is formed
     with torch.no_grad():
         module.lora_b.add_(1.0)

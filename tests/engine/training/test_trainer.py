@@ -13,9 +13,9 @@ from famserve.engine.config import FamConfig
 from famserve.engine.runner import ModelRunner
 from famserve.engine.training import trainer as trainer_module
 from famserve.engine.training.data import BatchSource, PassKeyExamples, TextWindows
-from famserve.engine.training.lora import apply_lora
+from famserve.engine.training.lora import apply_lora, lora_modules
 from famserve.engine.training.passkey import TextPassKey
-from famserve.engine.training.sequence import default_fam_prompt
+from famserve.engine.training.sequence import default_fam_prompt, forward_sequence
 from famserve.engine.training.trainer import FamTrainer, TrainConfig, train
 
 
@@ -236,3 +236,48 @@ def test_recall_batches_train_and_are_logged(tiny_llama_dir, tmp_path):
     log = [json.loads(line) for line in cfg.paths()[2].read_text().splitlines()]
     assert result.steps == 6 and {r["data"] for r in log} == {"text", "recall"}
     assert all(r["loss"] > 0 for r in log)
+
+
+def _distilling_trainer(tiny_llama_dir, distill_weight: float, lr: float = 1e-3):
+    fam = FamConfig(mode="fam", block_size=8, memory_blocks=1, fam_length=2, sink_tokens=1)
+    model = load_model(tiny_llama_dir, fam, mode="bswa").model
+    apply_lora(model, ["q_proj", "v_proj", "down_proj"], rank=2, alpha=2)
+    prompt = torch.nn.Parameter(default_fam_prompt(model, 2))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad} | {"fam_prompt": prompt}
+    trainer = FamTrainer(model, fam, params, prompt, lr=lr, total_steps=50, warmup_steps=0, rsp_prob=0.0,
+                         schedule="constant", distill_weight=distill_weight)
+    return trainer, model
+
+
+def test_distillation_teacher_is_the_base_model_with_full_attention(tiny_llama_dir):
+    trainer, model = _distilling_trainer(tiny_llama_dir, 0.5, lr=1e-2)
+    tokens = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):  # LoRA's B leaves zero: the wrapped model no longer computes the base model
+        step = trainer.train_step(tokens, tokens)
+    assert step.kl is not None and step.kl > 0 and step.loss == pytest.approx(0.5 * step.cross_entropy + 0.5 * step.kl)
+    base = load_model(tiny_llama_dir, FamConfig(mode="full"), mode="full").model
+    want = forward_sequence(base, FamConfig(mode="full"), tokens).hidden
+    torch.testing.assert_close(trainer.teacher_hidden(tokens), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        adapted = forward_sequence(model, FamConfig(mode="full"), tokens).hidden
+    assert (adapted - want).abs().max() > 1e-3  # so the equality above needed LoRA switched off
+    assert all(m.enabled for m in lora_modules(model).values())  # and it is on again
+
+
+def test_distillation_pulls_the_model_toward_the_teacher(tiny_llama_dir):
+    trainer, _ = _distilling_trainer(tiny_llama_dir, 1.0, lr=1e-2)
+    tokens = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(1))
+    kls = [trainer.train_step(tokens, tokens).kl for _ in range(12)]
+    assert kls[-1] < 0.5 * kls[0], kls  # an untrained FAM starts far from the base model's full attention
+
+
+def test_distillation_is_logged_and_checked(tiny_llama_dir, tmp_path):
+    cfg = config(tiny_llama_dir, tmp_path, distill_weight=0.5, steps=2, checkpoint_every=0)
+    train(cfg, progress=False)
+    log = [json.loads(line) for line in cfg.paths()[2].read_text().splitlines()]
+    assert all(r["kl"] > 0 and r["cross_entropy"] > 0 for r in log)
+    assert all(r["loss"] == pytest.approx(0.5 * r["cross_entropy"] + 0.5 * r["kl"], abs=1e-4) for r in log)
+    with pytest.raises(ValueError, match="distill_weight: must be in 0..1, got -0.1"):
+        config(tiny_llama_dir, tmp_path, distill_weight=-0.1)
+    with pytest.raises(ValueError, match="distill_weight: the teacher reads 4096-token sequences with full attention"):
+        train(config(tiny_llama_dir, tmp_path, distill_weight=0.5, seq_len=4096), progress=False)
