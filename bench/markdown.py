@@ -68,11 +68,12 @@ def engine_speed(payload: dict[str, Any]) -> str:
                                      f"{cell[(s, c)]['decode_bytes_s'] / copy:.0%}" if (s, c) in cell else "-"
                                      for c in contexts)] for s in systems]
         out += [_table(["system", *map(_k, contexts)], rows), ""]
-    ratio_rows = payload.get("ratios") or []
+    cols = [("prefill_vs_hf", "prefill / HF"), ("decode_vs_hf", "decode / HF"),
+            ("prefill_vs_llamacpp", "prefill / llama.cpp"), ("decode_vs_llamacpp", "decode / llama.cpp"),
+            ("prefill_time_vs_bswa", "FAM prefill time / BSWA")]
+    # A run of famserve alone has no peer to divide by: no ratio table rather than one of dashes.
+    ratio_rows = [r for r in payload.get("ratios") or [] if any(k in r for k, _ in cols)]
     if ratio_rows:
-        cols = [("prefill_vs_hf", "prefill / HF"), ("decode_vs_hf", "decode / HF"),
-                ("prefill_vs_llamacpp", "prefill / llama.cpp"), ("decode_vs_llamacpp", "decode / llama.cpp"),
-                ("prefill_time_vs_bswa", "FAM prefill time / BSWA")]
         out += ["**Ratios of medians** (famserve tokens/s over the peer's, same run):", ""]
         out += [_table(["famserve", "context", *(c[1] for c in cols)],
                        [[r["system"], _k(r["context_tokens"]), *(f"{r[k]:.2f}" if k in r else "-" for k, _ in cols)]
@@ -84,10 +85,14 @@ def targets(payload: dict[str, Any]) -> str:
     """The targets recomputed from the results with engine_speed.targets (the current definitions)."""
     import engine_speed
 
-    rows = [[t["target"], "not measured" if t["value"] is None else f"{t['value']:.3f}",
-             {None: "not measured", True: "met", False: "**missed**"}[t["met"]]]
-            for t in engine_speed.targets(payload["results"])]
-    return _table(["target", "value", "verdict"], rows)
+    all_targets = engine_speed.targets(payload["results"])
+    rows = [[t["target"], f"{t['value']:.3f}", "met" if t["met"] else "**missed**"]
+            for t in all_targets if t["value"] is not None]
+    unmeasured = [t["target"] for t in all_targets if t["value"] is None]
+    out = _table(["target", "value", "verdict"], rows)
+    if unmeasured:  # named, not hidden: another run (or none yet) has to answer them
+        out += f"\n\nNot measured by this run (systems or contexts it left out): {'; '.join(unmeasured)}."
+    return out
 
 
 def quality(payload: dict[str, Any]) -> str:
