@@ -33,8 +33,8 @@ class StepResult:
     accuracy: float  # argmax accuracy there
     num_tokens: int  # tokens in the batch
     seconds: float
-    cross_entropy: float = float("nan")  # mean cross-entropy there (= loss without distillation)
-    kl: float | None = None  # mean KL(teacher || model) there, when distilling
+    cross_entropy: float  # mean cross-entropy there (= loss without distillation)
+    kl: float | None  # mean KL(teacher || model) there, when distilling
 
 
 class FamTrainer:
@@ -54,12 +54,10 @@ class FamTrainer:
                  distill_weight: float = 0.0):
         if fam.num_fam_rows and fam_prompt is None:
             raise ValueError("fam_prompt: fam mode trains a FAM prompt; pass one")
-        if not 0.0 <= distill_weight <= 1.0:
-            raise ValueError(f"distill_weight: must be in 0..1, got {distill_weight}")
-        self.distill_weight = distill_weight
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule: {schedule!r} is not one of cosine, constant")
         self.model, self.fam, self.fam_prompt = model, fam, fam_prompt
+        self.distill_weight = distill_weight  # checked by masked_loss, which uses it
         self.params = params
         self.rsp_prob, self.grad_clip, self.checkpoint_layers = rsp_prob, grad_clip, checkpoint_layers
         self.autocast_bf16 = autocast_bf16  # forward in bf16 (weights, optimizer and FAM carry stay float32)

@@ -147,15 +147,15 @@ def test_recall_nlls_equal_all_at_once(tiny_llama_dir, mode):
         tokens = examples.sample(rng)[0]
         other = tokens.clone()
         other[2:2 + examples.span] = examples.sample(rng)[0][2:2 + examples.span]
-        first += float(nll(tokens)[2:2 + examples.span - 1].sum())
-        repeat += float(nll(tokens)[examples.repeat_start:].sum())
+        read = nll(tokens)
+        first += float(read[2:2 + examples.span - 1].sum())
+        repeat += float(read[examples.repeat_start:].sum())
         control += float(nll(other)[examples.repeat_start:].sum())
     count = 3 * (examples.span - 1)
     assert (got.span, got.trials, got.num_tokens) == (14, 3, length)
     assert got.first_nll == pytest.approx(first / count, abs=1e-5)
     assert got.repeat_nll == pytest.approx(repeat / count, abs=1e-5)
     assert got.control_nll == pytest.approx(control / count, abs=1e-5)
-
 
 
 @pytest.mark.model
