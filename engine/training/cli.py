@@ -70,6 +70,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--rsp-prob", type=float, default=0.8, help="Random State Passing probability")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: at the end)")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a <out stem>.train.pt")
+    p.add_argument("--init-adapter", default=None, metavar="FILE",
+                   help="start a new run from an adapter's FAM prompt and LoRA (a new phase: fresh optimizer, LR "
+                        "schedule and data; L, M, S may differ, the LoRA shape and F may not)")
     p.add_argument("--no-grad-checkpoint", action="store_true", help="keep all activations (faster, more memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
@@ -98,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           lora_targets=tuple(args.lora_targets or ALL_TARGETS),
                           fam_length=args.fam_length, block_size=args.block_size, memory_blocks=args.memory_blocks,
                           sink_tokens=args.sink_tokens, rsp_prob=args.rsp_prob,
-                          checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
+                          checkpoint_every=args.checkpoint_every, resume=args.resume,
+                          init_adapter=args.init_adapter, seed=args.seed,
                           device=args.device, grad_checkpoint=not args.no_grad_checkpoint,
                           max_seconds=args.max_minutes * 60 if args.max_minutes else None,
                           precision=args.precision)

@@ -165,6 +165,34 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             getattr(modules[name], part).copy_(value)
 
 
+def load_adapter_weights(model: FamModel, fam_prompt: nn.Parameter, adapter: FamAdapter) -> None:
+    """Set every wrapped module's (A, B) and the FAM prompt P to an exported adapter's, so that a new run starts
+    where that adapter's run ended (`famserve train --init-adapter`: new optimizer, schedule and data, the weights
+    kept). The adapter must be for this model, with LoRA on the same modules at the same rank and alpha/rank, and
+    the same F; its L, M, S may differ from the new run's."""
+    adapter.check_compatible(model.config, model.fam_config)
+    where = f"init_adapter: {adapter.source or 'the adapter'}"
+    modules = lora_modules(model)
+    if set(adapter.lora) != set(modules):
+        raise ValueError(f"{where} has LoRA on {len(adapter.lora)} modules, this run wraps {len(modules)} "
+                         f"(--lora-targets must name the same projections)")
+    for name, (a, b) in adapter.lora.items():
+        m = modules[name]
+        if a.shape != m.lora_a.shape or b.shape != m.lora_b.shape:
+            raise ValueError(f"{where} has LoRA rank {a.shape[0]} on {name}, this run rank {m.rank} (--lora-rank)")
+        if not math.isclose(adapter.lora_scale, m.scale, rel_tol=1e-6):
+            raise ValueError(f"{where} has LoRA scale alpha/rank {adapter.lora_scale:g}, this run {m.scale:g} "
+                             f"(--lora-alpha)")
+    if adapter.fam_prompt.shape != fam_prompt.shape:
+        raise ValueError(f"{where} has F={adapter.fam_length} FAM rows, this run F={fam_prompt.shape[0]} "
+                         f"(--fam-length)")
+    with torch.no_grad():
+        for name, (a, b) in adapter.lora.items():
+            modules[name].lora_a.copy_(a)
+            modules[name].lora_b.copy_(b)
+        fam_prompt.copy_(adapter.fam_prompt)
+
+
 def export_adapter(model: FamModel, fam_prompt: torch.Tensor, base_model_id: str, fam: FamConfig) -> FamAdapter:
     """The FamAdapter the engine loads: the FAM prompt (F, C), every LoRA delta as (A, B) with scale alpha/rank,
     the base model's fingerprint and id, and the L, M, S it was trained with."""

@@ -21,7 +21,8 @@ from torch import nn
 
 from famserve.engine.config import FamConfig
 from famserve.engine.model import FamModel
-from famserve.engine.training.lora import ALL_TARGETS, apply_lora, export_adapter, lora_disabled, lora_parameters
+from famserve.engine.training.lora import (ALL_TARGETS, apply_lora, export_adapter, load_adapter_weights,
+                                           lora_disabled, lora_parameters)
 from famserve.engine.training.sequence import default_fam_prompt, forward_sequence, masked_loss
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class TrainConfig:
     rsp_prob: float = 0.8  # Random State Passing probability
     checkpoint_every: int = 100  # steps between training checkpoints (and adapter writes); 0 = only at the end
     resume: str | None = None  # a <stem>.train.pt to continue from
+    init_adapter: str | None = None  # an adapter file to start from: its weights, this run's schedule and data
     seed: int = 0
     device: str = "cpu"
     grad_checkpoint: bool = True  # recompute each layer in the backward pass (memory per layer, ~1.3x compute)
@@ -211,6 +213,9 @@ class TrainConfig:
             raise ValueError(f"passkey_beyond_window: must be >= 0, got {self.passkey_beyond_window}")
         if self.passkey_start_step < 0:
             raise ValueError(f"passkey_start_step: must be >= 0, got {self.passkey_start_step}")
+        if self.init_adapter and self.resume:
+            raise ValueError("init_adapter: a resumed run takes its weights from its checkpoint; give --resume "
+                             "(continue that run) or --init-adapter (start a new run from an adapter), not both")
         if self.passkey_start_step and not (self.data and (self.passkey or self.recall_fraction)):
             raise ValueError("passkey_start_step: a curriculum needs both text (--data) and --passkey or recall")
         FamConfig(mode="fam", block_size=self.block_size, memory_blocks=self.memory_blocks,
@@ -258,6 +263,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     fam = cfg.fam
     apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     prompt = nn.Parameter(default_fam_prompt(model, fam.fam_length))
+    if cfg.init_adapter:
+        from famserve.engine.adapter import FamAdapter
+
+        load_adapter_weights(model, prompt, FamAdapter.load(cfg.init_adapter))
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params["fam_prompt"] = prompt
     trainer = FamTrainer(model, fam, params, prompt, lr=cfg.lr, total_steps=cfg.steps,

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from famserve.engine.adapter import FamAdapter
 from famserve.engine.build import load_model
 from famserve.engine.config import FamConfig
 from famserve.engine.runner import ModelRunner
@@ -281,3 +282,38 @@ def test_distillation_is_logged_and_checked(tiny_llama_dir, tmp_path):
         config(tiny_llama_dir, tmp_path, distill_weight=-0.1)
     with pytest.raises(ValueError, match="distill_weight: the teacher reads 4096-token sequences with full attention"):
         train(config(tiny_llama_dir, tmp_path, distill_weight=0.5, seq_len=4096), progress=False)
+
+
+def test_init_adapter_starts_a_new_run_from_an_adapters_weights(tiny_llama_dir, tmp_path):
+    """--init-adapter: a new run (its own step count, schedule and log, here at another L) whose first step starts
+    from the adapter's FAM prompt and LoRA; at a vanishing LR its adapter is the one it started from."""
+    first = train(config(tiny_llama_dir, tmp_path / "first", steps=3), progress=False)
+    cfg = config(tiny_llama_dir, tmp_path / "second", steps=1, lr=1e-12, block_size=32,
+                 init_adapter=str(first.adapter_path))
+    second = train(cfg, progress=False)
+    assert second.steps == 1 and [json.loads(line)["step"] for line in cfg.paths()[2].read_text().splitlines()] == [1]
+
+    start, end = FamAdapter.load(first.adapter_path), FamAdapter.load(second.adapter_path)
+    assert (start.block_size, end.block_size) == (16, 32)
+    torch.testing.assert_close(end.fam_prompt, start.fam_prompt, atol=1e-9, rtol=0)
+    assert set(end.lora) == set(start.lora)
+    assert any(b.abs().max() > 1e-4 for _, b in start.lora.values())  # trained, not LoRA's zero start
+    for name, (a, b) in start.lora.items():
+        torch.testing.assert_close(end.lora[name][0], a, atol=1e-9, rtol=0)
+        torch.testing.assert_close(end.lora[name][1], b, atol=1e-9, rtol=0)
+
+
+def test_init_adapter_of_another_shape_is_refused(tiny_llama_dir, tmp_path):
+    first = train(config(tiny_llama_dir, tmp_path / "first", steps=1), progress=False)
+    init = str(first.adapter_path)
+    with pytest.raises(ValueError, match="has LoRA rank 2 on model.layers.0.mlp.down_proj, this run rank 4"):
+        train(config(tiny_llama_dir, tmp_path / "rank", lora_rank=4, init_adapter=init), progress=False)
+    with pytest.raises(ValueError, match="has LoRA scale alpha/rank 2, this run 1 "):
+        train(config(tiny_llama_dir, tmp_path / "alpha", lora_alpha=2.0, init_adapter=init), progress=False)
+    with pytest.raises(ValueError, match="has LoRA on 14 modules, this run wraps 4"):
+        train(config(tiny_llama_dir, tmp_path / "targets", lora_targets=("q_proj", "v_proj"), init_adapter=init),
+              progress=False)
+    with pytest.raises(ValueError, match="has F=4 FAM rows, this run F=8"):
+        train(config(tiny_llama_dir, tmp_path / "fam", fam_length=8, init_adapter=init), progress=False)
+    with pytest.raises(ValueError, match="init_adapter: a resumed run takes its weights from its checkpoint"):
+        config(tiny_llama_dir, tmp_path, init_adapter=init, resume=str(first.checkpoint_path))
