@@ -1,7 +1,7 @@
 """FAM fine-tuning (paper section 3.1, B.2): `FamTrainer` is one optimisation loop for a FamModel under a FamConfig
 with Random State Passing; `train` is `famserve train`: load a checkpoint, wrap LoRA, learn the FAM prompt P and the
-LoRA deltas on text and/or PassKey data (optionally text only for the first passkey_start_step steps), checkpoint
-and resume, and write one FamAdapter file.
+LoRA deltas on text, PassKey and/or recall data (optionally text only for the first passkey_start_step steps),
+checkpoint and resume (or start a new run from an adapter's weights), and write one FamAdapter file.
 
 Gradients flow through memory segments and FAM across the blocks of a training sequence (no stop-gradient), each
 layer recomputed in the backward pass (activation checkpointing). Across steps only the FAM carries (RSP, see
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from famserve.engine.adapter import FamAdapter
 from famserve.engine.config import FamConfig
 from famserve.engine.model import FamModel
 from famserve.engine.training.lora import (ALL_TARGETS, apply_lora, export_adapter, load_adapter_weights,
@@ -264,8 +265,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     prompt = nn.Parameter(default_fam_prompt(model, fam.fam_length))
     if cfg.init_adapter:
-        from famserve.engine.adapter import FamAdapter
-
         load_adapter_weights(model, prompt, FamAdapter.load(cfg.init_adapter))
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params["fam_prompt"] = prompt
