@@ -148,23 +148,6 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_modules(model).values() for p in (m.lora_a, m.lora_b)]
 
 
-def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors by name (for training checkpoints)."""
-    return {f"{name}.{part}": getattr(m, part).detach().clone()
-            for name, m in lora_modules(model).items() for part in ("lora_a", "lora_b")}
-
-
-def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    modules = lora_modules(model)
-    expected = {f"{name}.{part}" for name in modules for part in ("lora_a", "lora_b")}
-    if set(state) != expected:
-        raise ValueError("LoRA state does not match the wrapped modules (different targets or model)")
-    with torch.no_grad():
-        for key, value in state.items():
-            name, part = key.rsplit(".", 1)
-            getattr(modules[name], part).copy_(value)
-
-
 def load_adapter_weights(model: FamModel, fam_prompt: nn.Parameter, adapter: FamAdapter) -> None:
     """Set every wrapped module's (A, B) and the FAM prompt P to an exported adapter's, so that a new run starts
     where that adapter's run ended (`famserve train --init-adapter`: new optimizer, schedule and data, the weights
@@ -180,9 +163,9 @@ def load_adapter_weights(model: FamModel, fam_prompt: nn.Parameter, adapter: Fam
         m = modules[name]
         if a.shape != m.lora_a.shape or b.shape != m.lora_b.shape:
             raise ValueError(f"{where} has LoRA rank {a.shape[0]} on {name}, this run rank {m.rank} (--lora-rank)")
-        if not math.isclose(adapter.lora_scale, m.scale, rel_tol=1e-6):
-            raise ValueError(f"{where} has LoRA scale alpha/rank {adapter.lora_scale:g}, this run {m.scale:g} "
-                             f"(--lora-alpha)")
+    scale = next(iter(modules.values())).scale if modules else adapter.lora_scale  # apply_lora gives all one scale
+    if not math.isclose(adapter.lora_scale, scale, rel_tol=1e-6):
+        raise ValueError(f"{where} has LoRA scale alpha/rank {adapter.lora_scale:g}, this run {scale:g} (--lora-alpha)")
     if adapter.fam_prompt.shape != fam_prompt.shape:
         raise ValueError(f"{where} has F={adapter.fam_length} FAM rows, this run F={fam_prompt.shape[0]} "
                          f"(--fam-length)")
