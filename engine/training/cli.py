@@ -127,6 +127,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     pk.add_argument("--lengths", type=_csv_ints, default=[1024, 2048, 4096], help="prompt lengths in tokens")
     pk.add_argument("--trials", type=int, default=10, help="prompts per length")
     pk.add_argument("--depth", type=float, default=0.0, help="where the key sits in the filler, 0..1 (paper: 0)")
+    pk.add_argument("--beyond-window", type=int, default=0, metavar="N",
+                    help="put the key N blocks before the question's attention window instead (out of BSWA's "
+                         "sight; training's --passkey-beyond-window layout)")
     pk.add_argument("--filler-file", default=None, help="text file for filler (default: grass/sky sentences)")
     pk.add_argument("--batch-size", type=int, default=4, help="prompts prefilled together")
     pk.add_argument("--seed", type=int, default=0)
@@ -214,13 +217,14 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
     def per_mode(loaded) -> Iterable[Row]:
         filler = loaded.tokenizer.encode(Path(args.filler_file).read_text()) if args.filler_file else None
         for r in passkey(loaded.model, loaded.tokenizer, args.lengths, args.trials, args.seed, args.depth,
-                         filler, args.batch_size, args.chunk_tokens):
-            yield ([r.mode, str(r.num_tokens), f"{r.correct}/{r.trials}", f"{r.accuracy:.0%}"],
+                         filler, args.batch_size, args.chunk_tokens, args.beyond_window):
+            yield ([r.mode, str(r.num_tokens), f"{r.correct}/{r.trials}", f"{r.accuracy:.0%}",
+                    f"{r.digit_accuracy:.0%}"],
                    {"mode": r.mode, "num_tokens": r.num_tokens, "trials": r.trials, "correct": r.correct,
-                    "accuracy": r.accuracy, "outputs": r.outputs})
+                    "accuracy": r.accuracy, "digit_accuracy": r.digit_accuracy, "outputs": r.outputs})
 
-    return _run_eval(args, "PassKey retrieval", ["mode", "tokens", "correct", "accuracy"], {"task": "passkey"},
-                     per_mode)
+    return _run_eval(args, "PassKey retrieval", ["mode", "tokens", "correct", "accuracy", "digits"],
+                     {"task": "passkey", "depth": args.depth, "beyond_window": args.beyond_window}, per_mode)
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:

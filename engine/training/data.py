@@ -81,18 +81,9 @@ class PassKeyExamples:
             tokens, labels = self.passkey.training_example(self.seq_len, rng, depth)
         return torch.tensor(tokens), torch.tensor(labels)
 
-    def key_starts(self, prompt_tokens: int, key_tokens: int, gap: int) -> range:
-        """Where a key sentence of key_tokens may start so that it ends inside the block `gap` blocks before the
-        window of the last prompt token (empty when the prompt is too short for that gap)."""
-        size = self.block_size
-        window_start = ((prompt_tokens - 1) // size - self.memory_blocks) * size
-        block_end = window_start - (gap - 1) * size  # the key's last token comes before this index
-        latest = min(block_end, prompt_tokens - len(self.passkey.question_ids)) - key_tokens
-        earliest = max(len(self.passkey.intro_ids), min(block_end - size, latest))
-        return range(earliest, latest + 1)
-
     def _beyond_window(self, prompt_tokens: int, key_tokens: int, gap: int, rng: random.Random) -> int:
-        starts = self.key_starts(prompt_tokens, key_tokens, gap)
+        starts = self.passkey.starts_beyond_window(prompt_tokens, key_tokens, gap, self.block_size,
+                                                   self.memory_blocks)
         if not starts:
             raise ValueError(f"seq_len: {self.seq_len} tokens leave no room for a key {gap} blocks beyond the "
                              f"window (L={self.block_size}, M={self.memory_blocks}); use longer sequences or fewer "

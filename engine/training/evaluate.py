@@ -18,7 +18,7 @@ from famserve.engine.model import FamModel
 from famserve.engine.runner import ModelRunner
 from famserve.engine.tokenizer import Tokenizer
 from famserve.engine.training.data import RecallExamples, TextWindows
-from famserve.engine.training.passkey import TextPassKey
+from famserve.engine.training.passkey import PassKeyPrompt, TextPassKey
 
 
 @dataclass
@@ -86,11 +86,17 @@ class PassKeyResult:
     num_tokens: int  # prompt length
     trials: int
     correct: int
-    outputs: list[dict] = field(default_factory=list)  # per trial: key and generated text
+    outputs: list[dict] = field(default_factory=list)  # per trial: key, its index, generated text, scores
+    digits_correct: float = 0.0  # key digits in place, summed over trials (a partial score a 0/N can hide)
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.trials if self.trials else 0.0
+
+    @property
+    def digit_accuracy(self) -> float:
+        """Share of key digits the first generated number has in their place (chance: about 1/10)."""
+        return self.digits_correct / self.trials if self.trials else 0.0
 
 
 def first_number(text: str) -> str | None:
@@ -98,20 +104,45 @@ def first_number(text: str) -> str | None:
     return found.group(0) if found else None
 
 
+def digits_in_place(number: str | None, key: str) -> float:
+    """Share of the key's digits that `number` has at the same position ("12395" for "12345": 0.8)."""
+    return sum(a == b for a, b in zip(number or "", key)) / len(key)
+
+
 @torch.no_grad()
 def passkey(model: FamModel, tokenizer: Tokenizer, lengths: Sequence[int], trials: int = 10, seed: int = 0,
             depth: float = 0.0, filler_ids: Sequence[int] | None = None, batch_size: int = 4,
-            chunk_tokens: int = 512) -> list[PassKeyResult]:
+            chunk_tokens: int = 512, beyond_window: int = 0) -> list[PassKeyResult]:
     """PassKey retrieval at each prompt length: `trials` prompts (fresh keys), greedy continuation; a trial is
-    right when the first number generated equals the key. Streams of one batch are prefilled together."""
+    right when the first number generated equals the key. The key sits at `depth` of the filler or, with
+    beyond_window N > 0, in the block N blocks before the question's attention window at the model's L and M
+    (the layout of training's --passkey-beyond-window, at one distance). Streams of one batch are prefilled
+    together."""
+    if beyond_window < 0:
+        raise ValueError(f"beyond_window: must be >= 0, got {beyond_window}")
+    if beyond_window and depth:
+        raise ValueError("depth: the key goes at a depth or beyond the window, not both")
     task = TextPassKey(tokenizer, filler_ids)
     runner = ModelRunner(model, max_step_tokens=chunk_tokens)
+    fam = model.fam_config
+
+    def make(length: int, rng: random.Random) -> PassKeyPrompt:
+        if not beyond_window:
+            return task.make(length, rng, depth)
+        key = task.new_key(rng)
+        starts = task.starts_beyond_window(length, task.key_tokens(key), beyond_window, fam.block_size,
+                                           fam.memory_blocks)
+        if not starts:
+            raise ValueError(f"lengths: {length} tokens leave no room for a key {beyond_window} blocks beyond the "
+                             f"window (L={fam.block_size}, M={fam.memory_blocks})")
+        return task.make(length, rng, key=key, key_start=rng.choice(starts))
+
     results = []
     for length in lengths:
         rng = random.Random(f"{seed}-{length}")
-        result = PassKeyResult(model.fam_config.describe(), length, trials, 0)
+        result = PassKeyResult(fam.describe(), length, trials, 0)
         for first in range(0, trials, batch_size):
-            prompts = [task.make(length, rng, depth) for _ in range(min(batch_size, trials - first))]
+            prompts = [make(length, rng) for _ in range(min(batch_size, trials - first))]
             states = [model.new_state() for _ in prompts]
             logits = torch.cat(runner.run(states, [p.prompt_ids for p in prompts]))  # (b, V)
             generated: list[list[int]] = [[] for _ in prompts]
@@ -122,9 +153,12 @@ def passkey(model: FamModel, tokenizer: Tokenizer, lengths: Sequence[int], trial
                 logits = runner.decode(states, tokens)
             for prompt, out in zip(prompts, generated):
                 text = tokenizer.decode(out, skip_special_tokens=True)
-                ok = first_number(text) == prompt.key
-                result.correct += ok
-                result.outputs.append({"key": prompt.key, "generated": text, "correct": ok})
+                number = first_number(text)
+                digits = digits_in_place(number, prompt.key)
+                result.correct += number == prompt.key
+                result.digits_correct += digits
+                result.outputs.append({"key": prompt.key, "key_at": prompt.key_token_index, "generated": text,
+                                       "correct": number == prompt.key, "digits": digits})
         results.append(result)
     return results
 

@@ -46,13 +46,14 @@ INTRO = ("There is an important info hidden inside a lot of irrelevant text. Fin
          "I will quiz you about the important information there.")
 KEY_SENTENCE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
+ANSWER = " {key}."  # the key as the key sentence wrote it: the period teaches a trained model where to stop
 GRASS_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 
 @dataclass
 class PassKeyPrompt:
     prompt_ids: list[int]  # intro + key sentence + filler + question, exactly the requested token count
-    answer_ids: list[int]  # the key as the model should continue (" 12345")
+    answer_ids: list[int]  # ANSWER: the key as the model should continue (" 12345.")
     key: str
     key_token_index: int  # where the key sentence starts in prompt_ids (the key's depth)
 
@@ -85,6 +86,10 @@ class TextPassKey:
         repeats = -(-count // len(source))
         return (source * repeats)[:count]
 
+    def key_tokens(self, key: str) -> int:
+        """Tokens of the key sentence for this key."""
+        return len(self._key_ids(key))
+
     def new_key(self, rng: random.Random) -> str:
         return str(rng.randrange(10 ** (self.key_digits - 1), 10 ** self.key_digits))
 
@@ -105,16 +110,27 @@ class TextPassKey:
             raise ValueError(f"key_start: must be in {len(self.intro_ids)}..{len(self.intro_ids) + filler_count}, "
                              f"got {key_start}")
         prompt = self.intro_ids + filler[:before] + key_ids + filler[before:] + self.question_ids
-        return PassKeyPrompt(prompt, self.tokenizer.encode(" " + key), key, len(self.intro_ids) + before)
+        return PassKeyPrompt(prompt, self.tokenizer.encode(ANSWER.format(key=key)), key, len(self.intro_ids) + before)
+
+    def starts_beyond_window(self, prompt_tokens: int, key_tokens: int, gap: int, block_size: int,
+                             memory_blocks: int) -> range:
+        """Where a key sentence of key_tokens may start so that it ends inside the block `gap` blocks before the
+        attention window (block_size L, memory_blocks M) of the last prompt token: out of BSWA's sight, so only a
+        memory can carry it. Empty when the prompt is too short for that gap."""
+        window_start = ((prompt_tokens - 1) // block_size - memory_blocks) * block_size
+        block_end = window_start - (gap - 1) * block_size  # the key's last token comes before this index
+        latest = min(block_end, prompt_tokens - len(self.question_ids)) - key_tokens
+        earliest = max(len(self.intro_ids), min(block_end - block_size, latest))
+        return range(earliest, latest + 1)
 
     def training_example(self, num_tokens: int, rng: random.Random, depth: float = 0.0,
                          place: Callable[[int, int], int] | None = None) -> tuple[list[int], list[int]]:
-        """Tokens (exactly num_tokens: prompt + answer) and labels (the answer tokens only, shifted: the label at
-        position t is the token at t+1). `place(prompt_tokens, key_sentence_tokens)`, when given, picks the key
-        sentence's start instead of `depth`."""
+        """Tokens (exactly num_tokens: prompt + answer) and labels (the answer tokens only, the closing period
+        included, shifted: the label at position t is the token at t+1). `place(prompt_tokens, key_sentence_tokens)`,
+        when given, picks the key sentence's start instead of `depth`."""
         key = self.new_key(rng)
-        prompt_tokens = num_tokens - len(self.tokenizer.encode(" " + key))
-        key_start = None if place is None else place(prompt_tokens, len(self._key_ids(key)))
+        prompt_tokens = num_tokens - len(self.tokenizer.encode(ANSWER.format(key=key)))
+        key_start = None if place is None else place(prompt_tokens, self.key_tokens(key))
         example = self.make(prompt_tokens, rng, depth, key, key_start)
         tokens = example.prompt_ids + example.answer_ids
         labels = [IGNORE] * len(tokens)

@@ -12,7 +12,7 @@ import torch
 from famserve.engine.build import load_model
 from famserve.engine.config import FamConfig
 from famserve.engine.training.data import BatchSource, PassKeyExamples, RecallExamples, TextWindows
-from famserve.engine.training.passkey import IGNORE, TextPassKey
+from famserve.engine.training.passkey import ANSWER, IGNORE, TextPassKey
 
 L, M = 16, 1
 
@@ -24,13 +24,13 @@ def passkey(tiny_llama_dir) -> TextPassKey:
 
 def overhead(passkey: TextPassKey) -> int:
     """Tokens of an example that are not filler: intro, key sentence, question and answer."""
-    return passkey.overhead_tokens("12345") + len(passkey.tokenizer.encode(" 12345"))
+    return passkey.overhead_tokens("12345") + len(passkey.tokenizer.encode(ANSWER.format(key="12345")))
 
 
 def key_span(passkey: TextPassKey, tokens: list[int], labels: list[int]) -> tuple[int, int, int]:
     """(first index of the key sentence, one past its last, index of the last prompt token) in one example."""
     last_prompt = next(i for i, label in enumerate(labels) if label != IGNORE)
-    key = passkey.tokenizer.decode(tokens[last_prompt + 1:]).strip()
+    key = passkey.tokenizer.decode(tokens[last_prompt + 1:]).strip().rstrip(".")
     sentence = passkey._key_ids(key)
     start = next(i for i in range(len(tokens)) if tokens[i:i + len(sentence)] == sentence)
     return start, start + len(sentence), last_prompt

@@ -15,7 +15,8 @@ from famserve.engine.config import FamConfig
 from famserve.engine.runner import ModelRunner
 from famserve.engine.training.cli import add_eval_parser, add_train_parser
 from famserve.engine.training.data import RecallExamples, TextWindows
-from famserve.engine.training.evaluate import first_number, passkey, perplexity, recall
+from famserve.engine.training.evaluate import digits_in_place, first_number, passkey, perplexity, recall
+from famserve.engine.training.passkey import TextPassKey
 from famserve.engine.training.sequence import sequence_logits
 
 
@@ -66,15 +67,45 @@ def test_first_number(text, number):
     assert first_number(text) == number
 
 
+@pytest.mark.parametrize("number,score", [("12345", 1.0), ("12395", 0.8), ("123456", 1.0), ("2345", 0.0),
+                                          ("1", 0.2), (None, 0.0)])
+def test_digits_in_place(number, score):
+    assert digits_in_place(number, "12345") == pytest.approx(score)
+
+
 def test_passkey_eval_runs_through_the_engine(tiny_llama_dir):
     loaded = load_model(tiny_llama_dir, FamConfig(block_size=64, memory_blocks=1, sink_tokens=2), mode="bswa")
     results = passkey(loaded.model, loaded.tokenizer, [260, 300], trials=3, seed=1, batch_size=2)
     assert [(r.num_tokens, r.trials, len(r.outputs)) for r in results] == [(260, 3, 3), (300, 3, 3)]
     for r in results:
         assert r.correct == sum(o["correct"] for o in r.outputs) and 0.0 <= r.accuracy <= 1.0
+        assert r.digit_accuracy == pytest.approx(sum(o["digits"] for o in r.outputs) / r.trials)
+        assert r.digit_accuracy >= r.accuracy
         assert all(len(o["key"]) == 5 for o in r.outputs)
     again = passkey(loaded.model, loaded.tokenizer, [260], trials=3, seed=1, batch_size=3)  # other batching
     assert again[0].outputs == results[0].outputs
+
+
+@pytest.mark.parametrize("gap", [1, 2])
+def test_passkey_eval_puts_the_key_that_many_blocks_beyond_the_window(tiny_llama_dir, gap):
+    L, M = 64, 1
+    loaded = load_model(tiny_llama_dir, FamConfig(block_size=L, memory_blocks=M, sink_tokens=2), mode="bswa")
+    task = TextPassKey(loaded.tokenizer)
+    length = 400
+    window_start = ((length - 1) // L - M) * L  # the first position the question's last token attends to
+    [result] = passkey(loaded.model, loaded.tokenizer, [length], trials=6, seed=2, beyond_window=gap)
+    for out in result.outputs:
+        last = out["key_at"] + task.key_tokens(out["key"]) - 1  # the key sentence's last token
+        assert window_start - gap * L <= last < window_start - (gap - 1) * L
+    assert len({out["key_at"] for out in result.outputs}) > 1  # anywhere in that block, not one fixed place
+
+
+def test_passkey_eval_refuses_a_layout_that_cannot_be_built(tiny_llama_dir):
+    loaded = load_model(tiny_llama_dir, FamConfig(block_size=64, memory_blocks=1, sink_tokens=2), mode="bswa")
+    with pytest.raises(ValueError, match="lengths: 250 tokens leave no room for a key 3 blocks beyond the window"):
+        passkey(loaded.model, loaded.tokenizer, [250], trials=1, beyond_window=3)
+    with pytest.raises(ValueError, match="depth: the key goes at a depth or beyond the window, not both"):
+        passkey(loaded.model, loaded.tokenizer, [300], trials=1, depth=0.5, beyond_window=1)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -106,10 +137,14 @@ def test_eval_perplexity_command_prints_and_writes_json(tiny_llama_dir, tmp_path
 def test_eval_passkey_command_writes_json(tiny_llama_dir, tmp_path):
     out = tmp_path / "pk.json"
     args = parser().parse_args(["eval", "passkey", "--model", str(tiny_llama_dir), "--lengths", "260",
-                                "--trials", "2", "--block-size", "64", "--memory-blocks", "1", "--out", str(out)])
+                                "--trials", "2", "--block-size", "64", "--memory-blocks", "1", "--beyond-window",
+                                "1", "--out", str(out)])
     assert args.func(args) == 0
-    result = json.loads(out.read_text())["results"][0]
+    payload = json.loads(out.read_text())
+    result = payload["results"][0]
     assert (result["mode"], result["num_tokens"], result["trials"]) == ("bswa (L=64 M=1 S=4)", 260, 2)
+    assert payload["beyond_window"] == 1 and all(128 <= o["key_at"] < 192 for o in result["outputs"])
+    assert result["digit_accuracy"] == pytest.approx(sum(o["digits"] for o in result["outputs"]) / 2)
 
 
 def test_train_command_writes_an_adapter(tiny_llama_dir, tmp_path):

@@ -46,7 +46,7 @@ def test_text_prompt_has_the_exact_length_and_the_key(tokenizer, num_tokens, dep
     assert "The grass is green." in text
     key_at = tokenizer.decode(prompt.prompt_ids[prompt.key_token_index:]).startswith(" The pass key is")
     assert key_at
-    assert tokenizer.decode(prompt.answer_ids) == " " + prompt.key
+    assert tokenizer.decode(prompt.answer_ids) == f" {prompt.key}."  # the period: where an answer stops
 
 
 def test_text_prompt_with_real_filler(tokenizer):
@@ -64,7 +64,9 @@ def test_training_example_labels_only_the_answer(tokenizer):
     assert tokens[-len(answer):] == answer  # labels at t are the tokens at t + 1: the answer at the end
     assert labels[-1] == IGNORE and labels[-len(answer) - 1] == answer[0]
     assert tokenizer.decode(tokens[:-len(answer)]).endswith("The pass key is")
-    assert tokenizer.decode(answer).strip().isdigit()
+    answer_text = tokenizer.decode(answer)
+    assert answer_text.startswith(" ") and answer_text.endswith(".") and answer_text[1:-1].isdigit()
+    assert len(answer_text[1:-1]) == 5
 
 
 def test_text_prompt_too_short_is_refused(tokenizer):
