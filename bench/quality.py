@@ -149,8 +149,10 @@ def passkey_rows(label: str, lm: LoadedModel, args: argparse.Namespace, full_con
     for r in evaluate.passkey(lm.model, lm.tokenizer, lengths, args.passkey_trials, args.seed, args.passkey_depth,
                               None, args.passkey_batch, args.chunk_tokens):
         rows.append({"label": label, "mode": r.mode, "num_tokens": r.num_tokens, "trials": r.trials,
-                     "correct": r.correct, "accuracy": r.accuracy, "outputs": r.outputs})
-        print(f"  {label:>12} passkey @ {r.num_tokens:>7}: {r.correct}/{r.trials}", flush=True)
+                     "correct": r.correct, "accuracy": r.accuracy, "digit_accuracy": r.digit_accuracy,
+                     "outputs": r.outputs})
+        print(f"  {label:>12} passkey @ {r.num_tokens:>7}: {r.correct}/{r.trials} "
+              f"({r.digit_accuracy:.0%} of key digits in place)", flush=True)
     return rows
 
 
@@ -167,7 +169,8 @@ def find_books(args: argparse.Namespace) -> list[Path]:
     names = [b.strip() for b in args.books.split(",") if b.strip()]
     missing = [n for n in names if not (folder / f"{n}.txt").exists()]
     if missing:
-        raise SystemExit(f"--books: {', '.join(missing)} not in {folder} (there: {', '.join(p.stem for p in available)})")
+        there = ", ".join(p.stem for p in available)
+        raise SystemExit(f"--books: {', '.join(missing)} not in {folder} (there: {there})")
     return [folder / f"{n}.txt" for n in names]
 
 
