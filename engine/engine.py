@@ -104,10 +104,13 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request.request_id!r} is already running")
         if not request.prompt_ids and (request.state is None or not request.prefill_only):
             raise InvalidRequestError("the prompt must contain at least one token")
-        bad = [t for t in request.prompt_ids if not 0 <= t < self.model.config.vocab_size]
+        vocab_size = self.model.config.vocab_size
+        bad = [t for t in request.prompt_ids if not 0 <= t < vocab_size]
         if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary "
-                                      f"(0..{self.model.config.vocab_size - 1})")
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+        bad = [t for t, _ in request.params.logit_bias if t >= vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
         capacity = self.model.fam_config.max_tokens
         start = request.state.num_tokens if request.state is not None else 0
         need = start + len(request.prompt_ids) + (0 if request.prefill_only else request.params.max_tokens - 1)

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias: -100 bans a token, +100 all but forces it
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this decode greedily (dividing by them overflows float32)
 
 
@@ -39,9 +40,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # generation ends after any of these (checked by the caller)
     ignore_eos: bool = False  # keep generating past the model's EOS tokens (checked by the caller)
     logprobs: int | None = None  # None = none; k = the chosen token's logprob and the k most likely (0..MAX_LOGPROBS)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI: (token id, bias) pairs added to the logits first
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in self.logit_bias))
         _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                  f"must be an integer >= 1, got {self.max_tokens!r}")
         _require(math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
@@ -61,6 +64,11 @@ class SamplingParams:
                  f"must be non-negative integers, got {self.stop_token_ids!r}")
         _require(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                  "logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for token_id, bias in self.logit_bias:
+            _require(_is_int(token_id) and token_id >= 0, "logit_bias",
+                     f"keys must be non-negative token ids, got {token_id!r}")
+            _require(isinstance(bias, (int, float)) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS, "logit_bias",
+                     f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r} for token {token_id}")
 
     @property
     def is_greedy(self) -> bool:
@@ -73,6 +81,7 @@ class SamplingState:
     Holds a generator on the logits' device, seeded from params.seed and advanced only when this request samples,
     and, only when a penalty needs them, per-token statistics updated in place by observe():
     `output_counts` (V,) int32, times each token was generated; `seen` (V,) bool, token in the prompt or generated.
+    With a logit bias, `logit_bias` (V,) float32 holds it densely (zero for the tokens it does not name).
     """
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] | torch.Tensor = (),
@@ -90,6 +99,14 @@ class SamplingState:
             self.generator.manual_seed(params.seed % 2**64)
         self.output_counts: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
+        self.logit_bias: torch.Tensor | None = None
+        if params.logit_bias:
+            ids = [t for t, _ in params.logit_bias]
+            _require(max(ids) < vocab_size, "logit_bias",
+                     f"token id {max(ids)} is outside the vocabulary (0..{vocab_size - 1})")
+            self.logit_bias = torch.zeros(vocab_size, dtype=torch.float32)
+            self.logit_bias[torch.tensor(ids)] = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32)
+            self.logit_bias = self.logit_bias.to(device)
         if params.presence_penalty != 0 or params.frequency_penalty != 0:
             self.output_counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
         if params.repetition_penalty != 1:
@@ -171,8 +188,8 @@ class SampleOutput:
 
 
 class Sampler:
-    """Picks one token per row of a batch of logits: penalties, then argmax for greedy rows, and for the others
-    temperature, top-k, top-p, min-p and a draw from the row's own generator."""
+    """Picks one token per row of a batch of logits: logit bias, penalties, then argmax for greedy rows, and for the
+    others temperature, top-k, top-p, min-p and a draw from the row's own generator."""
 
     def __init__(self, vocab_size: int) -> None:
         _require(vocab_size > 0, "vocab_size", f"must be positive, got {vocab_size}")
@@ -220,6 +237,10 @@ class Sampler:
 
     @staticmethod
     def _penalize(x: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        biased = [i for i, s in enumerate(states) if s.logit_bias is not None]
+        if biased:  # first, as vLLM does: the bias is part of what the model "said", penalties act on the sum
+            rows = torch.tensor(biased, device=x.device)
+            x[rows] += torch.stack([states[i].logit_bias for i in biased])  # (R, V)
         rep = [i for i, s in enumerate(states) if s.seen is not None]
         if rep:
             rows = torch.tensor(rep, device=x.device)

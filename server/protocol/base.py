@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidato
     model_serializer
 from pydantic_core import PydanticCustomError
 
-from famserve.engine.sampling import SamplingParams
+from famserve.engine.sampling import MAX_LOGIT_BIAS, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,13 @@ def check_stream_options(value: StreamOptions | None, stream: bool | None) -> St
 
 
 def check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
-    if value:
-        raise unsupported("logit_bias is not supported by this server")
+    """OpenAI's map of token ids (as strings: JSON keys) to biases in [-100, 100]; whether an id is in the
+    vocabulary is the engine's check."""
+    for key, bias in (value or {}).items():
+        if not (key.isascii() and key.isdigit()):
+            raise invalid(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise invalid(f"biases must be in [-100, 100], got {bias} for token {key}")
     return value
 
 
@@ -164,6 +169,7 @@ def sampling_params(request: Any, *, max_tokens: int | None, max_tokens_field: s
         stop_token_ids=tuple(request.stop_token_ids or ()),
         ignore_eos=bool(request.ignore_eos),
         logprobs=logprobs,
+        logit_bias=tuple((int(key), float(bias)) for key, bias in (request.logit_bias or {}).items()),
     )
 
 

@@ -85,7 +85,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     frequency_penalty: Penalty = None
     function_call: Any = Field(None, description="not supported: must be absent, null or 'none'")
     functions: list[dict[str, Any]] | None = Field(None, description="not supported: must be absent or empty")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be absent or empty")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100], "
+                                                                  "added to the logits before sampling")
     logprobs: bool | None = Field(None, description="return the logprob of each generated token")
     max_completion_tokens: int | None = Field(None, ge=1, description="new tokens at most (wins over max_tokens); "
                                                                       "default: the server's max_tokens_cap")

@@ -30,7 +30,8 @@ class CompletionRequest(OpenAIBaseModel):
     best_of: int | None = Field(None, ge=1, description="only best_of = n (or unset) is supported")
     echo: bool | None = Field(None, description="prepend the prompt to each choice's text")
     frequency_penalty: Penalty = None
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be absent or empty")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100], "
+                                                                  "added to the logits before sampling")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="return the chosen token's logprob and this many most likely ones")
     max_tokens: int | None = Field(None, ge=1, description="new tokens at most; default 16")

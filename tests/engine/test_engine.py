@@ -90,7 +90,8 @@ def test_prefill_only_advances_a_given_state(model):
 @pytest.mark.parametrize("request_,error", [
     (GenerationRequest("x", [], SamplingParams()), InvalidRequestError),
     (GenerationRequest("x", [10**6], SamplingParams()), InvalidRequestError),
-], ids=["empty-prompt", "token-outside-vocab"])
+    (GenerationRequest("x", [1], SamplingParams(logit_bias=((10**6, 1.0),))), InvalidRequestError),
+], ids=["empty-prompt", "token-outside-vocab", "logit-bias-outside-vocab"])
 def test_bad_requests_are_refused(model, request_, error):
     with pytest.raises(error):
         LLMEngine(model, eos_token_ids=[]).add(request_, lambda o: None)

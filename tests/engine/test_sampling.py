@@ -61,6 +61,10 @@ def log_probs(*probs: float) -> list[float]:
     ("stop_token_ids", (1, -1)),
     ("logprobs", -1),
     ("logprobs", 21),
+    ("logit_bias", ((-1, 1.0),)),
+    ("logit_bias", ((3, 100.5),)),
+    ("logit_bias", ((3, -101),)),
+    ("logit_bias", ((3, "up"),)),
 ])
 def test_bad_value_raises_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}: "):
@@ -74,6 +78,7 @@ def test_bad_value_raises_value_error_naming_the_field(field, value):
     {"repetition_penalty": 1e-3, "presence_penalty": -2.0, "frequency_penalty": 2.0},
     {"seed": -7, "stop_token_ids": (0, 2), "ignore_eos": True, "logprobs": 0},
     {"seed": 2**64 - 1, "logprobs": 20},
+    {"logit_bias": [(0, -100), (5, 100.0), (7, 0.5)]},
 ])
 def test_edge_values_are_accepted(kwargs):
     SamplingParams(**kwargs)
@@ -123,6 +128,34 @@ def test_state_allocates_only_what_its_penalties_need():
 def test_state_rejects_prompt_ids_outside_vocab():
     with pytest.raises(ValueError, match="^prompt_ids: "):
         SamplingState(SamplingParams(repetition_penalty=1.1), 6, prompt_ids=[0, 6])
+
+
+def test_logit_bias_bans_and_forces_tokens_for_greedy_and_sampled_rows():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    params = [SamplingParams(temperature=0, logit_bias=((0, -100.0),)),  # the argmax banned: the runner-up
+              SamplingParams(temperature=0, logit_bias=((0, -0.5), (2, 1.5))),  # 3.5, 3.0, 3.5: ties to the lowest
+              SamplingParams(seed=4, logit_bias=((3, 100.0),))]  # e^100 against e^0: always token 3
+    sampler = Sampler(4)
+    for _ in range(20):
+        states = [SamplingState(p, 4) for p in params]
+        assert sampler.sample(logits, states).token_ids == [1, 0, 3]
+    state = SamplingState(params[0], 4)
+    assert state.logit_bias.tolist() == [-100.0, 0.0, 0.0, 0.0]  # dense, zero where the request names no token
+    assert SamplingState(SamplingParams(), 4).logit_bias is None
+
+
+def test_logit_bias_comes_before_penalties_and_leaves_logprobs_raw():
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    # token 0 seen: (2.0 + 2.0) / 2 = 2.0 against 1.9 (bias first) -- penalty first would give 1.0 + 2.0 = 3.0
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias=((0, 2.0), (1, 0.2)), logprobs=1)
+    out = Sampler(3).sample(logits, [SamplingState(params, 3, prompt_ids=[0])])
+    assert out.token_ids == [1]  # 1.9 + 0.2 = 2.1 beats 2.0
+    torch.testing.assert_close(torch.tensor(out.logprobs), torch.log_softmax(logits, -1)[0, [1]], atol=1e-6, rtol=0)
+
+
+def test_state_rejects_a_logit_bias_outside_vocab():
+    with pytest.raises(ValueError, match=r"^logit_bias: token id 6 is outside the vocabulary \(0..5\)"):
+        SamplingState(SamplingParams(logit_bias=((2, 1.0), (6, 1.0))), 6)
 
 
 def test_sampler_applies_penalties_before_greedy_argmax():

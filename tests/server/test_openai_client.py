@@ -1,5 +1,5 @@
 """The official `openai` client against the real server (tiny random model): completions and chat, sync, async and
-streaming, plus the OpenAI features the server promises (n, seed, stop, logprobs, echo, usage)."""
+streaming, plus the OpenAI features the server promises (n, seed, stop, logprobs, logit_bias, echo, usage)."""
 
 from __future__ import annotations
 
@@ -138,6 +138,23 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
         assert entry.logprob <= 0
         assert entry.bytes == list(entry.token.encode())
         assert len(entry.top_logprobs) == 2
+
+
+def test_logit_bias_bans_a_token_and_forces_another(client: openai.OpenAI, http) -> None:
+    kwargs = dict(model=MODEL, prompt="Hello", max_tokens=6, temperature=0, logprobs=1,
+                  extra_body={"ignore_eos": True})
+    greedy = client.completions.create(**kwargs).choices[0].logprobs.tokens
+    # A generated token whose text tokenizes back to that one token gives its id.
+    token, token_id = next((text, ids[0]) for text in greedy if text.isascii()
+                           for ids in [http.post("/tokenize", json={"prompt": text, "add_special_tokens": False})
+                                       .json()["tokens"]] if len(ids) == 1)
+    banned = client.completions.create(**kwargs, logit_bias={str(token_id): -100}).choices[0].logprobs.tokens
+    assert token not in banned and banned != greedy
+    forced = client.completions.create(**kwargs, logit_bias={str(token_id): 100}).choices[0].logprobs.tokens
+    assert forced == [token] * 6  # every step: +100 outweighs any logit of this model
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0.8, seed=3,
+                                          logit_bias={str(token_id): 100}, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == token * 4  # sampled rows too
 
 
 def test_echo_prepends_the_prompt(client: openai.OpenAI) -> None:
