@@ -23,6 +23,7 @@ from .sampling import Sampler, SamplingParams, SamplingState
 from .scheduler import BlockScheduler, Sequence as SchedSequence, Status
 from .state import FamState
 from .stats import EngineStats
+from .structured import GrammarCompiler, TokenMatcher
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class _Payload:
     emit: Callable[[RequestOutput], None]
     state: FamState | None = None
     sampling: SamplingState | None = None
+    matcher: TokenMatcher | None = None  # structured output: made when the request is added (a bad format fails it)
 
 
 def default_state_memory_bytes(device: torch.device) -> int:
@@ -75,11 +77,14 @@ def default_state_memory_bytes(device: torch.device) -> int:
 class LLMEngine:
     """Limits: `max_running` streams per step, `max_waiting` queued beyond those that could start (QueueFullError),
     `prefill_budget_tokens` input tokens per step, and `state_memory_bytes` of request states held (running and kept
-    for reuse; None: default_state_memory_bytes). Counters and gauges are in `stats`."""
+    for reuse; None: default_state_memory_bytes). Counters and gauges are in `stats`. Requests with an output
+    format need `grammar` (the model's tokenizer, compiled for structured output)."""
 
     def __init__(self, model: FamModel, eos_token_ids: Sequence[int], max_running: int = 32,
-                 max_waiting: int = 256, prefill_budget_tokens: int = 512, state_memory_bytes: int | None = None):
+                 max_waiting: int = 256, prefill_budget_tokens: int = 512, state_memory_bytes: int | None = None,
+                 grammar: GrammarCompiler | None = None):
         self.model = model
+        self.grammar = grammar
         self.state_nbytes = model.state_nbytes  # of every fresh request's state
         budget = default_state_memory_bytes(model.device) if state_memory_bytes is None else state_memory_bytes
         if budget < self.state_nbytes:
@@ -95,9 +100,11 @@ class LLMEngine:
         self.refresh_stats()
 
     @classmethod
-    def from_config(cls, model: FamModel, eos_token_ids: Sequence[int], config: EngineConfig) -> LLMEngine:
+    def from_config(cls, model: FamModel, eos_token_ids: Sequence[int], config: EngineConfig,
+                    grammar: GrammarCompiler | None = None) -> LLMEngine:
         return cls(model, eos_token_ids, max_running=config.max_running, max_waiting=config.max_waiting,
-                   prefill_budget_tokens=config.prefill_chunk_tokens, state_memory_bytes=config.state_memory_bytes)
+                   prefill_budget_tokens=config.prefill_chunk_tokens, state_memory_bytes=config.state_memory_bytes,
+                   grammar=grammar)
 
     def add(self, request: GenerationRequest, emit: Callable[[RequestOutput], None]) -> None:
         if request.request_id in self._by_id:
@@ -120,9 +127,15 @@ class LLMEngine:
         state_nbytes = 0 if request.state is not None else self.state_nbytes
         if not self.scheduler.has_room(state_nbytes):
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests are already waiting")
+        matcher = None
+        if request.params.output_format is not None and not request.prefill_only:
+            if self.grammar is None:
+                raise InvalidRequestError(f"{request.params.output_format.param}: this engine has no tokenizer to "
+                                          "compile output formats with")
+            matcher = self.grammar.matcher(request.params.output_format)
         seq = SchedSequence(request.request_id, list(request.prompt_ids),
                             0 if request.prefill_only else request.params.max_tokens,
-                            state_nbytes=state_nbytes, payload=_Payload(request, emit))
+                            state_nbytes=state_nbytes, payload=_Payload(request, emit, matcher=matcher))
         self._by_id[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -179,7 +192,7 @@ class LLMEngine:
             p.state = self.model.new_state()
         if not p.request.prefill_only:
             p.sampling = SamplingState(p.request.params, self.model.config.vocab_size, seq.prompt_ids,
-                                       device=self.model.device)
+                                       device=self.model.device, matcher=p.matcher)
         if seq.status is Status.DECODE and not p.request.prefill_only:  # nothing to prefill: cannot happen
             raise InvalidRequestError("nothing to generate from")
 
@@ -207,6 +220,8 @@ class LLMEngine:
             params = seq.payload.request.params
             reason = None
             if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+                reason = "stop"
+            elif seq.payload.matcher is not None and seq.payload.matcher.done:  # the format is complete
                 reason = "stop"
             elif len(seq.output_ids) >= seq.max_new_tokens:
                 reason = "length"

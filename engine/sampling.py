@@ -1,6 +1,7 @@
 """Sampling: SamplingParams (what a request asks for), SamplingState (what a request carries from step to step: its
-random generator and the token statistics its penalties need) and Sampler, which turns a batch of logits into one
-token per row. A row's token depends only on its own logits, params and generator, never on the rest of the batch."""
+random generator, the token statistics its penalties need and, for structured output, its place in the format) and
+Sampler, which turns a batch of logits into one token per row. A row's token depends only on its own logits, params,
+generator and format, never on the rest of the batch."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from .structured import OutputFormat, TokenMatcher
 
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias: -100 bans a token, +100 all but forces it
@@ -41,6 +44,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past the model's EOS tokens (checked by the caller)
     logprobs: int | None = None  # None = none; k = the chosen token's logprob and the k most likely (0..MAX_LOGPROBS)
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI: (token id, bias) pairs added to the logits first
+    output_format: OutputFormat | None = None  # structured output: only tokens that keep to it are ever chosen
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -81,12 +85,16 @@ class SamplingState:
     Holds a generator on the logits' device, seeded from params.seed and advanced only when this request samples,
     and, only when a penalty needs them, per-token statistics updated in place by observe():
     `output_counts` (V,) int32, times each token was generated; `seen` (V,) bool, token in the prompt or generated.
-    With a logit bias, `logit_bias` (V,) float32 holds it densely (zero for the tokens it does not name).
+    With a logit bias, `logit_bias` (V,) float32 holds it densely (zero for the tokens it does not name). With an
+    output format, `matcher` (made by the caller from params.output_format) follows the tokens observed.
     """
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] | torch.Tensor = (),
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", matcher: TokenMatcher | None = None) -> None:
+        _require((matcher is None) == (params.output_format is None), "matcher",
+                 "give one exactly when params.output_format is set")
         self.params = params
+        self.matcher = matcher
         self.vocab_size = vocab_size
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -124,6 +132,8 @@ class SamplingState:
             self.output_counts[token_id] += 1
         if self.seen is not None:
             self.seen[token_id] = True
+        if self.matcher is not None:
+            self.matcher.consume(token_id)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -188,8 +198,8 @@ class SampleOutput:
 
 
 class Sampler:
-    """Picks one token per row of a batch of logits: logit bias, penalties, then argmax for greedy rows, and for the
-    others temperature, top-k, top-p, min-p and a draw from the row's own generator."""
+    """Picks one token per row of a batch of logits: logit bias, penalties, the output format's mask, then argmax
+    for greedy rows, and for the others temperature, top-k, top-p, min-p and a draw from the row's own generator."""
 
     def __init__(self, vocab_size: int) -> None:
         _require(vocab_size > 0, "vocab_size", f"must be positive, got {vocab_size}")
@@ -203,7 +213,7 @@ class Sampler:
         params = [s.params for s in states]
         wants_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(x, dim=-1) if wants_logprobs else None
-        x = self._penalize(x, states)
+        x = self._adjust(x, states)
         tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
         is_greedy = [p.is_greedy for p in params]
         greedy = [i for i, g in enumerate(is_greedy) if g]
@@ -236,7 +246,7 @@ class Sampler:
         return slice(0, len(rows)) if rows[-1] == len(rows) - 1 else torch.tensor(rows, device=device)
 
     @staticmethod
-    def _penalize(x: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+    def _adjust(x: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         biased = [i for i, s in enumerate(states) if s.logit_bias is not None]
         if biased:  # first, as vLLM does: the bias is part of what the model "said", penalties act on the sum
             rows = torch.tensor(biased, device=x.device)
@@ -254,6 +264,11 @@ class Sampler:
             frequency = torch.tensor([states[i].params.frequency_penalty for i in pf], device=x.device)
             counts = torch.stack([states[i].output_counts for i in pf])  # (R, V)
             x[rows] = apply_presence_frequency_penalty(x[rows], counts, presence, frequency)
+        formatted = [i for i, s in enumerate(states) if s.matcher is not None]
+        if formatted:  # last: no bias or penalty may bring back a token the format rules out
+            rows = torch.tensor(formatted, device=x.device)
+            allowed = torch.stack([states[i].matcher.allowed() for i in formatted]).to(x.device)  # (R, V)
+            x[rows] = x[rows].masked_fill(~allowed, -math.inf)
         return x
 
     @staticmethod

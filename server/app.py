@@ -25,6 +25,7 @@ from famserve.engine.build import LoadedModel, load_model
 from famserve.engine.config import EngineConfig, FamConfig
 from famserve.engine.engine import AsyncEngine, LLMEngine
 from famserve.engine.errors import FamserveError
+from famserve.engine.structured import GrammarCompiler
 
 from .errors import AUTHENTICATION, INVALID_REQUEST, SERVER_ERROR, PayloadTooLargeError, error_json, \
     register_exception_handlers
@@ -122,7 +123,8 @@ async def _start_engine(app: FastAPI, settings: Settings, loaded: LoadedModel | 
             log.info("loading %s (/health answers meanwhile; /ready says 503 until the engine runs)", settings.model)
             loaded = await _in_daemon_thread(load_model_from_settings, settings)
         eos = set(loaded.tokenizer.eos_token_ids) | set(loaded.model.config.eos_token_ids)
-        engine = AsyncEngine(LLMEngine.from_config(loaded.model, sorted(eos), engine_config(settings)))
+        grammar = GrammarCompiler(loaded.tokenizer, loaded.model.config.vocab_size)  # structured output
+        engine = AsyncEngine(LLMEngine.from_config(loaded.model, sorted(eos), engine_config(settings), grammar))
         engine.start()
         store = open_store(settings.session_store or str(settings.state_dir))
         app.state.sessions = SessionManager(store, engine, loaded.model, loaded.tokenizer,

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidato
 from pydantic_core import PydanticCustomError
 
 from famserve.engine.sampling import MAX_LOGIT_BIAS, SamplingParams
+from famserve.engine.structured import OutputFormat
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
 
 
 def sampling_params(request: Any, *, max_tokens: int | None, max_tokens_field: str, default_max_tokens: int,
-                    max_tokens_cap: int, logprobs: int | None) -> SamplingParams:
+                    max_tokens_cap: int, logprobs: int | None, output_format: OutputFormat | None) -> SamplingParams:
     """The engine's SamplingParams from the sampling fields both request kinds share; ValueError("field: ...") for
     a value the engine refuses (the server answers 400 naming the field)."""
     max_tokens = default_max_tokens if max_tokens is None else max_tokens
@@ -170,6 +171,7 @@ def sampling_params(request: Any, *, max_tokens: int | None, max_tokens_field: s
         ignore_eos=bool(request.ignore_eos),
         logprobs=logprobs,
         logit_bias=tuple((int(key), float(bias)) for key, bias in (request.logit_bias or {}).items()),
+        output_format=output_format,
     )
 
 

@@ -1,6 +1,6 @@
 """POST /v1/chat/completions: messages, the request, the response and the stream chunk, fields in the order of the
-OpenAI API reference, famserve's vLLM-like extensions last. Tool calling, images and JSON mode are refused with a
-clear 400 rather than silently ignored."""
+OpenAI API reference, famserve's vLLM-like extensions last. Tool calling and images are refused with a clear 400
+rather than silently ignored."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from famserve.engine.sampling import MAX_LOGPROBS, SamplingParams
 from .base import (FamserveInfo, IgnoreEos, MinP, N, OpenAIBaseModel, Penalty, RepetitionPenalty,
                    ResponseModel, Seed, StopSequences, StopTokenIds, StreamOptions, Temperature, TopK, TopP, Usage,
                    User, check_logit_bias, check_stream_options, invalid, sampling_params, unsupported)
+from .structured import ResponseFormat, StructuredOutputs, output_format
 
 NO_TOOLS = "tool calling is not supported by this server"
 
@@ -68,17 +69,6 @@ class ChatMessage(OpenAIBaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class ResponseFormat(OpenAIBaseModel):
-    type: Literal["text", "json_object", "json_schema"] = Field(description="only text is supported")
-
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise unsupported(f"response_format {value!r} is not supported (only 'text')")
-        return value
-
-
 class ChatCompletionRequest(OpenAIBaseModel):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
     model: str = Field(description="the served model's name, as /v1/models lists it")
@@ -111,6 +101,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     repetition_penalty: RepetitionPenalty = None
     stop_token_ids: StopTokenIds = None
     ignore_eos: IgnoreEos = None
+    structured_outputs: StructuredOutputs | None = Field(None, description="extension: json, regex, choice or "
+                                                                           "grammar the reply must follow")
     # --- extension (famserve)
     session_id: str | None = Field(None, description="famserve: continue this session (its history stays on the "
                                                      "server; send only the new messages; the reply is committed)")
@@ -148,7 +140,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
         return sampling_params(self, max_tokens=self.max_completion_tokens or self.max_tokens,
                                max_tokens_field=field, default_max_tokens=max_tokens_cap,
                                max_tokens_cap=max_tokens_cap,
-                               logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+                               logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+                               output_format=output_format(self.response_format, self.structured_outputs))
 
     def template_messages(self) -> list[dict[str, str]]:
         return [message.for_template() for message in self.messages]

@@ -13,6 +13,7 @@ from .base import (FamserveInfo, IgnoreEos, MinP, N, OpenAIBaseModel, Penalty, R
                    ResponseModel, Seed, StopSequences, StopTokenIds, StreamOptions, Temperature, TokenId, TopK, TopP,
                    Usage, User, check_logit_bias, check_stream_options, invalid, one_of, sampling_params,
                    unsupported)
+from .structured import ResponseFormat, StructuredOutputs, output_format
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for legacy completions
 
@@ -37,6 +38,8 @@ class CompletionRequest(OpenAIBaseModel):
     max_tokens: int | None = Field(None, ge=1, description="new tokens at most; default 16")
     n: N = None
     presence_penalty: Penalty = None
+    response_format: ResponseFormat | None = Field(None, description="extension (as on chat): json_object or "
+                                                                     "json_schema output")
     seed: Seed = None
     stop: StopSequences = Field(None, description="up to 16 strings that end the text (not included in it)")
     stream: bool | None = Field(None, description="send the text as server-sent events as it is generated")
@@ -51,6 +54,8 @@ class CompletionRequest(OpenAIBaseModel):
     repetition_penalty: RepetitionPenalty = None
     stop_token_ids: StopTokenIds = None
     ignore_eos: IgnoreEos = None
+    structured_outputs: StructuredOutputs | None = Field(None, description="extension: json, regex, choice or "
+                                                                           "grammar the text must follow")
 
     @field_validator("prompt")
     @classmethod
@@ -90,7 +95,8 @@ class CompletionRequest(OpenAIBaseModel):
     def to_sampling_params(self, max_tokens_cap: int) -> SamplingParams:
         return sampling_params(self, max_tokens=self.max_tokens, max_tokens_field="max_tokens",
                                default_max_tokens=min(COMPLETIONS_DEFAULT_MAX_TOKENS, max_tokens_cap),
-                               max_tokens_cap=max_tokens_cap, logprobs=self.logprobs)
+                               max_tokens_cap=max_tokens_cap, logprobs=self.logprobs,
+                               output_format=output_format(self.response_format, self.structured_outputs))
 
 
 class CompletionLogprobs(BaseModel):

@@ -1,11 +1,17 @@
 """The official `openai` client against the real server (tiny random model): completions and chat, sync, async and
-streaming, plus the OpenAI features the server promises (n, seed, stop, logprobs, logit_bias, echo, usage)."""
+streaming, plus the OpenAI features the server promises (n, seed, stop, logprobs, logit_bias, structured output,
+echo, usage)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+from typing import Literal
 
+import jsonschema
 import openai
+import pydantic
 import pytest
 
 MODEL = "tiny-llama"  # the tiny model folder's name, which the server uses as the model id
@@ -155,6 +161,48 @@ def test_logit_bias_bans_a_token_and_forces_another(client: openai.OpenAI, http)
     chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0.8, seed=3,
                                           logit_bias={str(token_id): 100}, extra_body={"ignore_eos": True})
     assert chat.choices[0].message.content == token * 4  # sampled rows too
+
+
+class Verdict(pydantic.BaseModel):
+    colour: Literal["red", "green", "blue"]
+    ok: bool
+    score: int = pydantic.Field(ge=0, le=9)
+
+
+def test_structured_output_through_the_clients_parse_helper(client: openai.OpenAI) -> None:
+    """The SDK sends Verdict as a strict json_schema response_format and parses the reply back into it."""
+    for seed in range(3):
+        response = client.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Verdict,
+                                                 max_completion_tokens=64, temperature=1.0, seed=seed)
+        assert response.choices[0].finish_reason == "stop"
+        assert isinstance(response.choices[0].message.parsed, Verdict)
+
+
+def test_json_schema_reply_streams_the_same_text(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"items": {"type": "array", "maxItems": 3,
+                                                         "items": {"type": "integer", "minimum": 0, "maximum": 50}}},
+              "required": ["items"], "additionalProperties": False}
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0,
+                  response_format={"type": "json_schema", "json_schema": {"name": "numbers", "schema": schema}})
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    jsonschema.validate(json.loads(plain), schema)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
+                       client.chat.completions.create(**kwargs, stream=True) if chunk.choices)
+    assert streamed == plain
+
+
+def test_json_object_mode_and_vllms_structured_outputs(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, seed=3,
+                                           response_format={"type": "json_object"})
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    choices = ["positive", "negative", "neutral"]
+    picked = client.completions.create(model=MODEL, prompt="Sentiment:", max_tokens=10, n=4, seed=1,
+                                       extra_body={"structured_outputs": {"choice": choices}})
+    assert all(c.text in choices and c.finish_reason == "stop" for c in picked.choices)
+    dated = client.completions.create(model=MODEL, prompt="Date:", max_tokens=20, temperature=0,
+                                      extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"}})
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", dated.choices[0].text)
 
 
 def test_echo_prepends_the_prompt(client: openai.OpenAI) -> None:

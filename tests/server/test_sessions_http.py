@@ -125,6 +125,21 @@ def test_chat_turns_hold_exactly_the_rendered_conversation(server, state_dir, ti
         assert info["tokens_processed"] == len(expected)
 
 
+def test_a_session_turn_can_be_held_to_a_json_schema(server):
+    schema = {"type": "object", "properties": {"key": {"type": "integer", "minimum": 0, "maximum": 9999}},
+              "required": ["key"], "additionalProperties": False}
+    with client(server) as http:
+        sid = http.post("/v1/sessions", json={}).json()["id"]
+        assert http.post(f"/v1/sessions/{sid}/append", json={"text": TEXT}).status_code == 200
+        r = http.post(f"/v1/sessions/{sid}/chat/completions", json={
+            "messages": [{"role": "user", "content": "What is the pass key?"}], "max_tokens": 30, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "key", "schema": schema}}})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and set(json.loads(choice["message"]["content"])) == {"key"}
+        assert http.get(f"/v1/sessions/{sid}").json()["turns"] == 1
+
+
 def test_another_key_sees_nothing(server):
     with client(server, "key-a") as a, client(server, "key-b") as b:
         sid = a.post("/v1/sessions", json={}).json()["id"]

@@ -47,7 +47,8 @@ def test_docs_python_example(server) -> None:
     lines = printed.getvalue().splitlines()
     assert "Paris" in lines[0]
     assert "'mode': 'bswa (L=1024 M=3 S=4)'" in lines[1]
-    assert len(lines) >= 4
+    assert len(lines) >= 5
+    assert lines[-1] == "city='Paris' country='France'"  # the structured reply, parsed into the pydantic model
 
 
 def test_docs_curl_examples(server) -> None:
