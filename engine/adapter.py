@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import FamConfig, ModelConfig
+from .config import ModelConfig
 from .errors import CheckpointError
 
 FORMAT = "famserve-fam-adapter/1"
@@ -25,7 +25,8 @@ class FamAdapter:
     block_size: int  # L it was trained with
     memory_blocks: int  # M it was trained with
     sink_tokens: int  # S it was trained with
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A (r, in), B (out, r))
+    # module name -> (A (r, in), B (out, r))
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     lora_scale: float = 1.0  # alpha / rank
     source: str | None = None  # the file it was loaded from, for error messages
 
@@ -68,7 +69,7 @@ class FamAdapter:
                    int(fam["block_size"]), int(fam["memory_blocks"]), int(fam["sink_tokens"]), lora,
                    float(meta.get("lora_scale", 1.0)), source=str(path))
 
-    def check_compatible(self, model: ModelConfig, fam: FamConfig) -> None:
+    def check_compatible(self, model: ModelConfig) -> None:
         where = f" (adapter file {self.source})" if self.source else ""
         if not model.matches_fingerprint(self.base_fingerprint):
             raise CheckpointError(f"FAM adapter was trained for {self.base_model_id!r} (a different architecture: "

@@ -47,7 +47,7 @@ def load_model(spec: str | Path, fam: FamConfig | None = None, mode: str | None 
     ckpt: Checkpoint = load_checkpoint(spec, dtype=torch.float32, device="cpu")
     fam = resolve_mode(fam or FamConfig(), mode, adapter is not None)
     if adapter is not None:
-        adapter.check_compatible(ckpt.config, fam)
+        adapter.check_compatible(ckpt.config)
         fam = replace(fam, fam_length=adapter.fam_length)
         trained = (adapter.block_size, adapter.memory_blocks, adapter.sink_tokens)
         if fam.mode == "fam" and (fam.block_size, fam.memory_blocks, fam.sink_tokens) != trained:

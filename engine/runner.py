@@ -13,7 +13,9 @@ from .state import FamState
 
 
 def _as_tensor(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    return ids.to(torch.int64).flatten() if isinstance(ids, torch.Tensor) else torch.tensor(list(ids), dtype=torch.int64)
+    if isinstance(ids, torch.Tensor):
+        return ids.to(torch.int64).flatten()
+    return torch.tensor(list(ids), dtype=torch.int64)
 
 
 class ModelRunner:

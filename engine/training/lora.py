@@ -153,7 +153,7 @@ def load_adapter_weights(model: FamModel, fam_prompt: nn.Parameter, adapter: Fam
     where that adapter's run ended (`famserve train --init-adapter`: new optimizer, schedule and data, the weights
     kept). The adapter must be for this model, with LoRA on the same modules at the same rank and alpha/rank, and
     the same F; its L, M, S may differ from the new run's."""
-    adapter.check_compatible(model.config, model.fam_config)
+    adapter.check_compatible(model.config)
     where = f"init_adapter: {adapter.source or 'the adapter'}"
     modules = lora_modules(model)
     if set(adapter.lora) != set(modules):
