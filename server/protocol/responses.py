@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from .base import OpenAIBaseModel, ResponseModel, StopSequences, Temperature, TopP, invalid, unsupported
 from .chat import ChatMessage
+from .structured import ResponseText
 
 
 class ResponsesRequest(OpenAIBaseModel):
@@ -21,6 +22,7 @@ class ResponsesRequest(OpenAIBaseModel):
     store: bool | None = Field(None, description="responses are always stored (they are session turns)")
     stream: bool | None = Field(None, description="send the response as server-sent events as it is generated")
     temperature: Temperature = None
+    text: ResponseText | None = Field(None, description="text.format: text, json_object or json_schema output")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be absent or empty")
     top_p: TopP = None
     user: str | None = None
@@ -93,6 +95,8 @@ class ResponseObject(ResponseModel):
     parallel_tool_calls: bool = False
     previous_response_id: str | None = None
     temperature: float | None = None
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}},
+                                 description="the request's text options, as given")
     top_p: float | None = None
     tool_choice: str = "none"
     tools: list = Field(default_factory=list)

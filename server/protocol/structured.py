@@ -1,5 +1,5 @@
-"""Structured output on the wire: OpenAI's `response_format` (json_object, json_schema) and vLLM's
-`structured_outputs` (json, regex, choice, grammar), on both generation routes, and the engine OutputFormat each
+"""Structured output on the wire: OpenAI's `response_format` (json_object, json_schema; the Responses API's
+`text.format`) and vLLM's `structured_outputs` (json, regex, choice, grammar), and the engine OutputFormat each
 one asks for. Whether a schema, regex or grammar compiles is the engine's check (a 400 naming the field)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from famserve.engine.structured import OutputFormat, json_schema_format
 
@@ -27,6 +27,7 @@ class ResponseFormat(OpenAIBaseModel):
     type: Literal["text", "json_object", "json_schema"] = Field(
         description="text (default), json_object (any JSON object) or json_schema")
     json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema: the schema")
+    _schema_param: str = PrivateAttr("response_format.json_schema.schema")  # where the schema was, for errors
 
     @model_validator(mode="after")
     def _schema_with_its_type(self) -> ResponseFormat:
@@ -40,8 +41,34 @@ class ResponseFormat(OpenAIBaseModel):
         if self.type == "json_object":
             return json_schema_format(ANY_OBJECT, "response_format")
         if self.type == "json_schema":
-            return json_schema_format(self.json_schema.schema_, "response_format.json_schema.schema")
+            return json_schema_format(self.json_schema.schema_, self._schema_param)
         return None
+
+
+class TextFormat(OpenAIBaseModel):
+    """The Responses API's `text.format`: response_format with the schema's fields beside its type."""
+
+    type: Literal["text", "json_object", "json_schema"] = Field(description="as response_format's type")
+    name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="with json_schema")
+    description: str | None = Field(None, description="accepted and not used")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="with json_schema: the schema")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced token by token")
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> TextFormat:
+        if self.type == "json_schema" and (self.name is None or self.schema_ is None):
+            raise invalid("type json_schema needs name and schema")
+        return self
+
+    def response_format(self) -> ResponseFormat:
+        schema = JsonSchemaFormat(name=self.name, schema=self.schema_) if self.type == "json_schema" else None
+        response_format = ResponseFormat(type=self.type, json_schema=schema)
+        response_format._schema_param = "text.format.schema"
+        return response_format
+
+
+class ResponseText(OpenAIBaseModel):
+    format: TextFormat = Field(default_factory=lambda: TextFormat(type="text"))
 
 
 class StructuredOutputs(OpenAIBaseModel):

@@ -19,6 +19,7 @@ from famserve.server.protocol.responses import (ContentPartEvent, OutputItemEven
                                                 ResponseLifecycleEvent, ResponseObject, ResponsesRequest,
                                                 ResponsesUsage, ResponseStatus, ResponseStreamEvent)
 from famserve.server.protocol.sessions import SessionChatRequest
+from famserve.server.protocol.structured import ResponseText
 from famserve.server.session_turns import Answer, SessionTurns
 from famserve.server.sessions import SessionNotFoundError
 from famserve.server.store import SessionRecord
@@ -71,7 +72,8 @@ async def create_response(body: ResponsesRequest, request: Request,
             messages = [{"role": "system", "content": body.instructions}, *messages]
     chat = SessionChatRequest(model=body.model, messages=messages, max_tokens=body.max_output_tokens,
                               temperature=body.temperature, top_p=body.top_p, stop=body.stop,
-                              stream=body.stream)
+                              stream=body.stream,
+                              response_format=body.text.format.response_format() if body.text else None)
     shape = ResponseShape(body, record, response_id(record.id, turn + 1), turns.service.model_name, turn)
     return await turns.chat(record.id, chat, request, Answer(whole=shape.whole, stream=shape.stream,
                                                              check=shape.check_latest))
@@ -106,6 +108,7 @@ class ResponseShape:
             instructions=body.instructions, max_output_tokens=body.max_output_tokens,
             previous_response_id=body.previous_response_id, temperature=body.temperature, top_p=body.top_p,
             metadata=self.record.metadata, session_id=self.record.id, output=output,
+            text=(body.text or ResponseText()).model_dump(mode="json", by_alias=True, exclude_none=True),
             usage=ResponsesUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
                                  total_tokens=usage.total_tokens) if finished else None)
 

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pydantic
 import pytest
 from openai import OpenAI
 
@@ -203,6 +204,24 @@ def test_session_id_extension_and_responses_api_with_the_openai_client(server):
         stale = http.post("/v1/responses", json={"model": TINY_MODEL_NAME, "input": "x",
                                                  "previous_response_id": first.id})
         assert stale.status_code == 409 and stale.json()["error"]["code"] == "response_not_latest"
+
+
+class Pass(pydantic.BaseModel):
+    key: int = pydantic.Field(ge=0, le=9999)
+
+
+def test_responses_api_structured_output_through_the_clients_parse_helper(server):
+    oai = OpenAI(base_url=f"{server.url}/v1", api_key="key-a")
+    parsed = oai.responses.parse(model=TINY_MODEL_NAME, input="What is the pass key?", text_format=Pass,
+                                 max_output_tokens=30, temperature=0)
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, Pass)
+    assert parsed.text.format.type == "json_schema" and parsed.text.format.name == "Pass"
+    with client(server) as http:
+        r = http.post("/v1/responses", json={"model": TINY_MODEL_NAME, "input": "x", "text": {"format": {
+            "type": "json_schema", "name": "p", "schema": {"type": "nonsense"}}}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "text.format.schema", r.text
+        plain = http.post("/v1/responses", json={"model": TINY_MODEL_NAME, "input": "x", "max_output_tokens": 2})
+        assert plain.json()["text"] == {"format": {"type": "text"}}
 
 
 @pytest.mark.parametrize("method,path,body,status,code", [
