@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from .client import (DEFAULT_BASE_URL, DEFAULT_TIMEOUT_S, INGEST_PART_BYTES, FamserveClient, FamserveError,
@@ -93,6 +95,9 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, help="most tokens to generate")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--seed", type=int)
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="reply with a JSON object (structured output)")
+    shape.add_argument("--json-schema", metavar="FILE", help="reply with JSON that follows this JSON schema file")
 
 
 def _session_commands(parser: argparse.ArgumentParser) -> None:
@@ -266,7 +271,24 @@ def run_sessions_export(client: FamserveClient, args: argparse.Namespace) -> Non
 
 def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
     names = ("model", "max_tokens", "temperature", "seed")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    params = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.json:
+        params["response_format"] = {"type": "json_object"}
+    elif args.json_schema:
+        params["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": re.sub(r"[^A-Za-z0-9_-]", "_", Path(args.json_schema).stem)[:64] or "schema",
+            "schema": _read_schema(args.json_schema)}}
+    return params
+
+
+def _read_schema(path: str) -> dict[str, Any]:
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--json-schema: {path} is not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"--json-schema: {path} holds no JSON object")
+    return schema
 
 
 def _pairs(items: list[str]) -> dict[str, str]:

@@ -63,6 +63,24 @@ def test_complete_from_stdin(server, client: FamserveClient) -> None:
     assert result.stdout == client.complete("The quick brown fox", max_tokens=8, temperature=0).text + "\n"
 
 
+def test_chat_replies_in_json_that_follows_a_schema_file(server, tmp_path: Path) -> None:
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {
+        "type": "integer", "minimum": 0, "maximum": 9}}, "required": ["answer", "confidence"],
+        "additionalProperties": False}
+    (tmp_path / "verdict.json").write_text(json.dumps(schema))
+    result = run_cli("chat", "-m", "Is it raining?", "--json-schema", str(tmp_path / "verdict.json"),
+                     "--max-tokens", "60", "--temperature", "0.8", "--seed", "2", base_url=server.url)
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert set(reply) == {"answer", "confidence"} and reply["answer"] in ("yes", "no")
+    any_object = run_cli("complete", "A JSON object:", "--json", "--max-tokens", "60", "--seed", "1",
+                         base_url=server.url)
+    assert any_object.returncode == 0 and isinstance(json.loads(any_object.stdout), dict), any_object.stderr
+    (tmp_path / "list.json").write_text("[1, 2]")
+    refused = run_cli("chat", "-m", "hi", "--json-schema", str(tmp_path / "list.json"), base_url=server.url)
+    assert refused.returncode == 2 and "holds no JSON object" in refused.stderr
+
+
 def test_session_commands(server, tmp_path: Path) -> None:
     def ok(*args: str) -> str:
         result = run_cli("sessions", *args, base_url=server.url)
