@@ -170,15 +170,14 @@ class LLMEngine:
         updates_before = sum(s.num_fam_updates for s in states)
         try:
             logits = self.runner.run(states, inputs)
+            self.stats.fam_updates_total += sum(s.num_fam_updates for s in states) - updates_before
+            self.stats.steps_total += 1
+            self.stats.batch_size.observe(len(work.items))
+            self._postprocess(work.items, logits)
         except Exception as e:  # one bad batch must not kill the loop; its requests fail, others go on
             log.exception("engine step failed")
             for seq, _ in work.items:
                 self._finish(seq, "error", error=f"internal engine error: {type(e).__name__}")
-            return
-        self.stats.fam_updates_total += sum(s.num_fam_updates for s in states) - updates_before
-        self.stats.steps_total += 1
-        self.stats.batch_size.observe(len(work.items))
-        self._postprocess(work.items, logits)
 
     def _admit(self, seq: SchedSequence) -> None:
         p: _Payload = seq.payload
@@ -348,6 +347,9 @@ class AsyncEngine:
             try:
                 self.engine.add(request, emit)
             except FamserveError as e:
+                answer(e)
+            except Exception as e:  # a bug fails its own request (a 500), never the loop every stream needs
+                log.exception("engine add failed")
                 answer(e)
             else:
                 answer(None)

@@ -5,6 +5,7 @@ refused when the request is added, naming its field; rows without a format are u
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -13,7 +14,7 @@ import pytest
 
 from famserve.engine.build import load_model
 from famserve.engine.config import FamConfig
-from famserve.engine.engine import GenerationRequest, LLMEngine
+from famserve.engine.engine import AsyncEngine, GenerationRequest, LLMEngine
 from famserve.engine.errors import InvalidRequestError
 from famserve.engine.sampling import SamplingParams
 from famserve.engine.structured import GrammarCompiler, OutputFormat, json_schema_format
@@ -122,3 +123,45 @@ def test_an_engine_without_a_tokenizer_refuses_formats(loaded):
     with pytest.raises(InvalidRequestError, match="^response_format: this engine has no tokenizer"):
         engine.add(GenerationRequest("x", [1, 2], SamplingParams(output_format=json_schema_format({}))),
                    lambda out: None)
+
+
+class BrokenGrammar(GrammarCompiler):
+    """Fault injection: compiling fails with a bug (not a bad format), or a matcher fails in the middle of a step."""
+
+    def __init__(self, loaded, fail_in: str):
+        super().__init__(loaded.tokenizer, loaded.model.config.vocab_size)
+        self.fail_in = fail_in
+
+    def matcher(self, output_format):
+        if self.fail_in == "add":
+            raise RuntimeError("compiler bug")
+        matcher = super().matcher(output_format)
+
+        def allowed():
+            raise RuntimeError("matcher bug")
+
+        matcher.allowed = allowed
+        return matcher
+
+
+@pytest.mark.parametrize("fail_in", ["add", "step"])
+def test_a_structured_output_bug_fails_its_request_and_the_engine_serves_on(loaded, fail_in):
+    async def scenario():
+        runner = AsyncEngine(LLMEngine(loaded.model, loaded.tokenizer.eos_token_ids,
+                                       grammar=BrokenGrammar(loaded, fail_in)))
+        runner.start()
+        try:
+            broken = GenerationRequest("json", [1, 2, 3], SamplingParams(output_format=json_schema_format({})))
+            if fail_in == "add":
+                with pytest.raises(RuntimeError, match="compiler bug"):
+                    [out async for out in runner.generate(broken)]
+            else:
+                outs = [out async for out in runner.generate(broken)]
+                assert outs[-1].finish_reason == "error" and "RuntimeError" in outs[-1].error
+            plain = [out async for out in runner.generate(GenerationRequest("plain", [1, 2, 3], SamplingParams(
+                max_tokens=3, ignore_eos=True)))]
+            assert plain[-1].finish_reason == "length" and runner.is_alive
+        finally:
+            runner.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))  # a dead engine thread would leave the request hanging
