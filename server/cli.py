@@ -33,6 +33,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from famserve.engine.errors import FamserveError
     from famserve.engine.runner import ModelRunner
     from famserve.engine.sampling import Sampler, SamplingParams, SamplingState
+    from famserve.engine.structured import GrammarCompiler, OutputFormat
     from famserve.engine.tokenizer import IncrementalDetokenizer
 
     try:
@@ -43,15 +44,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
         tok = loaded.tokenizer
         prompt = tok.apply_chat_template([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
+        output_format = None
+        if args.json_schema:
+            output_format = OutputFormat("json", Path(args.json_schema).read_text(), "--json-schema")
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                seed=args.seed)
+                                seed=args.seed, output_format=output_format)
+        matcher = GrammarCompiler(tok, loaded.model.config.vocab_size).matcher(output_format) if output_format \
+            else None
     except (FamserveError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = loaded.model
     print(f"[famserve] {loaded.model_id}, mode {model.fam_config.describe()}", file=sys.stderr)
     runner, sampler = ModelRunner(model), Sampler(model.config.vocab_size)
-    sampling = SamplingState(params, model.config.vocab_size, prompt, device=model.device)
+    sampling = SamplingState(params, model.config.vocab_size, prompt, device=model.device, matcher=matcher)
     state = model.new_state()
     t0 = time.perf_counter()
     logits = runner.prefill(state, [prompt[i:i + 4096] for i in range(0, len(prompt), 4096)])
@@ -68,6 +74,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 break
             sys.stdout.write(detok.push(token))
             sys.stdout.flush()
+            if matcher is not None and matcher.done:  # the format is complete
+                break
             logits = runner.decode([state], [token])
     sys.stdout.write(detok.flush() + "\n")
     t_decode = time.perf_counter() - t1
@@ -97,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--json-schema", metavar="FILE", help="hold the output to this JSON schema (structured output)")
     gen.set_defaults(func=cmd_generate)
     # serve's flags (and --help) are famserve.server.settings': main() hands them over unparsed, in order.
     srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (see `famserve serve --help`)",

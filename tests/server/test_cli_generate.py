@@ -1,5 +1,6 @@
 """`famserve generate` as a user runs it: a real subprocess, text on stdout, speed and state size on stderr."""
 
+import json
 import subprocess
 import sys
 
@@ -17,6 +18,20 @@ def test_generate_on_the_tiny_model(tiny_llama_dir):
     assert out.returncode == 0, out.stderr
     assert "mode bswa (L=8 M=1 S=4)" in out.stderr
     assert "tok/s" in out.stderr and "state" in out.stderr
+
+
+def test_generate_holds_the_output_to_a_json_schema(tiny_llama_dir, tmp_path):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    out = famserve("generate", "--model", str(tiny_llama_dir), "--prompt", "hello", "--max-tokens", "30",
+                   "--json-schema", str(tmp_path / "schema.json"), "--block-size", "8", "--memory-blocks", "1")
+    assert out.returncode == 0, out.stderr
+    assert set(json.loads(out.stdout)) == {"n"}
+    (tmp_path / "bad.json").write_text('{"type": "nonsense"}')
+    bad = famserve("generate", "--model", str(tiny_llama_dir), "--prompt", "x", "--json-schema",
+                   str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --json-schema: ") and "Traceback" not in bad.stderr
 
 
 def test_generate_reports_a_missing_model_clearly(tmp_path):
