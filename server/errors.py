@@ -152,6 +152,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     param = _param(tuple(error.get("loc", ())))
     code = kind if kind in _CUSTOM_CODES else ("invalid_type" if kind.endswith(_TYPE_ERROR_SUFFIXES)
                                                else "invalid_value")
+    named = _PARAM_PREFIX.match(error.get("msg", "")) if kind in _CUSTOM_CODES else None
+    if named:  # a check of a whole object names the field at fault: "tool_choice: ..." inside the object's loc
+        param = f"{param}.{named.group(1)}" if param else named.group(1)
+        error = {**error, "msg": named.group(2)}
     if kind == "missing":
         code = "missing_required_parameter"
         message = f"{param}: this field is required" if param else "the request body is missing"

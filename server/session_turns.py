@@ -141,6 +141,10 @@ class SessionTurns:
         body = body.model_copy(update={"model": body.model or self.service.model_name})
         if (body.n or 1) != 1:
             raise APIError("session chat takes n = 1", code="unsupported_parameter", param="n")
+        if body.tools or any(m.role == "tool" or m.tool_calls for m in body.messages):
+            # Their description would have to stay in the session's stream, turn after turn.
+            raise APIError("tools are not supported in sessions: use chat completions without a session",
+                           code="unsupported_parameter", param="tools" if body.tools else "messages")
         messages = body.template_messages()
         tokenizer = self.service.tokenizer
         anchor: list[dict] = []

@@ -15,7 +15,7 @@ import httpx
 READY_TIMEOUT_S = 120.0  # a cold start imports torch and transformers; on a busy 2-core machine that can take a while
 TINY_MODEL_NAME = "tiny-llama"
 # Small limits keep fuzzing and the error catalogue fast; tests read these rather than repeating the numbers.
-TINY_SERVER_LIMITS = {"max_tokens_cap": 64, "max_prompt_tokens": 256, "max_body_bytes": 65536}
+TINY_SERVER_LIMITS = {"max_tokens_cap": 128, "max_prompt_tokens": 1024, "max_body_bytes": 65536}
 
 
 def free_port() -> int:

@@ -35,6 +35,8 @@ class ResponsesRequest(OpenAIBaseModel):
     def _not_empty(cls, value: Any) -> Any:
         if not value:
             raise invalid("must not be empty")
+        if isinstance(value, list) and any(m.role == "tool" or m.tool_calls for m in value):
+            raise unsupported("tool calls and tool messages are not supported in the Responses API")
         return value
 
     @field_validator("tools")

@@ -12,6 +12,7 @@ from famserve.server.protocol import (AssistantMessage, ChatChoice, ChatChunkCho
                                       ChatCompletionRequest, ChatCompletionResponse, ChoiceLogprobs, DeltaMessage,
                                       FamserveInfo, TokenLogprob, TopLogprob)
 from famserve.server.protocol.sessions import SessionChatRequest
+from famserve.server.protocol.tools import ToolCallDelta, read_reply
 from famserve.server.streaming import cancel_on_disconnect, sse_response, start_stream
 
 from . import ERROR_RESPONSES, SSE_RESPONSE, Service
@@ -31,19 +32,41 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     job = await service.chat_job(body)
     if body.stream:
         deltas = await start_stream(request, service.stream(job))
+        if body.calls_tools:  # a reply is known to be a tool call or an answer only once it is whole
+            deltas = _whole_replies(job, deltas)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_chunks(job, service, deltas, include_usage))
+        return sse_response(_chunks(job, service, deltas, include_usage, body.calls_tools))
     choices = await cancel_on_disconnect(request, service.collect(job))
     response = ChatCompletionResponse(
         id=job.id, created=job.created, model=service.model_name, usage=job.final_usage(),
-        choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=_logprobs(job, c),
-                            finish_reason=c.finish_reason) for c in choices],
+        choices=[_choice(c, body.calls_tools, _logprobs(job, c)) for c in choices],
         famserve=FamserveInfo(mode=service.mode))
     return JSONResponse(response.model_dump(mode="json"))
 
 
+def _choice(choice: ChoiceDelta, calls_tools: bool, logprobs: ChoiceLogprobs | None) -> ChatChoice:
+    if not calls_tools:
+        return ChatChoice(index=choice.index, message=AssistantMessage(content=choice.text), logprobs=logprobs,
+                          finish_reason=choice.finish_reason)
+    content, calls = read_reply(choice.text)
+    return ChatChoice(index=choice.index, message=AssistantMessage(content=content, tool_calls=calls),
+                      logprobs=logprobs, finish_reason="tool_calls" if calls else choice.finish_reason)
+
+
+async def _whole_replies(job: Job, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+    """Each choice's deltas joined into one, sent when the choice finishes."""
+    pending: dict[int, ChoiceDelta] = {}
+    async for delta in deltas:
+        whole = pending.setdefault(delta.index, ChoiceDelta(delta.index))
+        whole.text += delta.text
+        whole.tokens += delta.tokens
+        if delta.finish_reason is not None:
+            whole.finish_reason = delta.finish_reason
+            yield pending.pop(delta.index)
+
+
 async def _chunks(job: Job, service: GenerationService, deltas: AsyncIterator[ChoiceDelta],
-                  include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
+                  include_usage: bool, calls_tools: bool = False) -> AsyncIterator[ChatCompletionChunk]:
     base = {"id": job.id, "created": job.created, "model": service.model_name}
     famserve: FamserveInfo | None = FamserveInfo(mode=service.mode)  # on the first chunk only
     for i in range(job.num_choices):  # each choice opens with the role, as OpenAI's streams do
@@ -51,6 +74,16 @@ async def _chunks(job: Job, service: GenerationService, deltas: AsyncIterator[Ch
             index=i, delta=DeltaMessage(role="assistant", content=""))], famserve=famserve)
         famserve = None
     async for delta in deltas:
+        if calls_tools:  # one whole reply: its content or its calls, then the finish
+            choice = _choice(delta, True, _logprobs(job, delta))
+            calls = [ToolCallDelta(index=i, id=c.id, function=c.function)
+                     for i, c in enumerate(choice.message.tool_calls or [])]
+            yield ChatCompletionChunk(**base, choices=[ChatChunkChoice(
+                index=delta.index, delta=DeltaMessage(content=choice.message.content, tool_calls=calls or None),
+                logprobs=choice.logprobs)])
+            yield ChatCompletionChunk(**base, choices=[ChatChunkChoice(
+                index=delta.index, delta=DeltaMessage(), finish_reason=choice.finish_reason)])
+            continue
         content = delta.text if delta.text or delta.finish_reason is None else None  # the last delta may be {}
         yield ChatCompletionChunk(**base, choices=[ChatChunkChoice(
             index=delta.index, delta=DeltaMessage(content=content), logprobs=_logprobs(job, delta),

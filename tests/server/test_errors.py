@@ -11,6 +11,7 @@ import pytest
 
 MODEL = "tiny-llama"
 USER = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 INVALID = "invalid_request_error"
 
 
@@ -35,7 +36,9 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ("chat-messages-not-a-list", C, chat(messages="hi"), 400, "messages", "invalid_type"),
     ("chat-unknown-role", C, chat(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role",
      "invalid_value"),
-    ("chat-tool-role", C, chat(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), 400,
+    ("chat-tool-message-without-call-id", C, chat(messages=[{"role": "tool", "content": "x"}]), 400,
+     "messages[0].tool_call_id", "invalid_value"),
+    ("chat-function-role", C, chat(messages=[{"role": "function", "content": "x", "name": "f"}]), 400,
      "messages[0].role", "unsupported_parameter"),
     ("chat-content-number", C, chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content",
      "invalid_type"),
@@ -43,11 +46,23 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
         "url": "http://x/y.png"}}]}]), 400, "messages[0].content[0].type", "unsupported_parameter"),
     ("chat-text-part-without-text", C, chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), 400,
      "messages[0].content[0].text", "missing_required_parameter"),
-    ("chat-assistant-tool-calls", C, chat(messages=[*USER, {"role": "assistant", "tool_calls": [{"id": "1"}]}]),
-     400, "messages[1].tool_calls", "unsupported_parameter"),
-    ("chat-tools", C, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools",
-     "unsupported_parameter"),
-    ("chat-tool-choice-required", C, chat(tool_choice="required"), 400, "tool_choice", "unsupported_parameter"),
+    ("chat-assistant-tool-call-without-function", C, chat(messages=[*USER, {"role": "assistant", "tool_calls": [
+        {"id": "1"}]}]), 400, "messages[1].tool_calls[0].function", "missing_required_parameter"),
+    ("chat-user-tool-calls", C, chat(messages=[{"role": "user", "content": "x", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]), 400,
+     "messages[0].tool_calls", "invalid_value"),
+    ("chat-tool-name-with-a-space", C, chat(tools=[{"type": "function", "function": {"name": "get weather"}}]), 400,
+     "tools[0].function.name", "invalid_value"),
+    ("chat-two-tools-one-name", C, chat(tools=[TOOL, TOOL]), 400, "tools", "invalid_value"),
+    ("chat-tool-choice-required-without-tools", C, chat(tool_choice="required"), 400, "tool_choice",
+     "invalid_value"),
+    ("chat-tool-choice-names-no-tool", C, chat(tools=[TOOL], tool_choice={"type": "function", "function": {
+        "name": "other"}}), 400, "tool_choice", "invalid_value"),
+    ("chat-tools-with-a-json-response-format", C, chat(tools=[TOOL], response_format={"type": "json_object"}), 400,
+     "tools", "invalid_value"),
+    ("chat-tool-parameters-that-do-not-compile", C, chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "nonsense"}}}]), 400, "tools", "invalid_value"),
+    ("chat-legacy-functions", C, chat(functions=[{"name": "f"}]), 400, "functions", "unsupported_parameter"),
     ("chat-response-format-unknown-type", C, chat(response_format={"type": "yaml"}), 400, "response_format.type",
      "invalid_value"),
     ("chat-json-schema-without-schema", C, chat(response_format={"type": "json_schema"}), 400, "response_format",
@@ -70,7 +85,7 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ("chat-temperature-not-a-number", C, chat(temperature="hot"), 400, "temperature", "invalid_type"),
     ("chat-n-zero", C, chat(n=0), 400, "n", "invalid_value"),
     ("chat-max-tokens-zero", C, chat(max_tokens=0), 400, "max_tokens", "invalid_value"),
-    ("chat-max-tokens-over-cap", C, chat(max_tokens=65), 400, "max_tokens", "invalid_value"),
+    ("chat-max-tokens-over-cap", C, chat(max_tokens=129), 400, "max_tokens", "invalid_value"),
     ("chat-max-completion-tokens-over-cap", C, chat(max_completion_tokens=10_000), 400, "max_completion_tokens",
      "invalid_value"),
     ("chat-stream-options-without-stream", C, chat(stream_options={"include_usage": True}), 400, "stream_options",
@@ -88,7 +103,7 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ("completion-prompt-empty-list", X, completion(prompt=[]), 400, "prompt", "invalid_value"),
     ("completion-prompt-empty-string", X, completion(prompt=""), 400, "prompt", "invalid_value"),
     ("completion-token-outside-vocab", X, completion(prompt=[1, 99_999]), 400, "prompt", "invalid_value"),
-    ("completion-prompt-too-long", X, completion(prompt=[5] * 257), 400, "prompt", "context_length_exceeded"),
+    ("completion-prompt-too-long", X, completion(prompt=[5] * 1025), 400, "prompt", "context_length_exceeded"),
     ("completion-echo-with-logprobs", X, completion(echo=True, logprobs=1), 400, "logprobs",
      "unsupported_parameter"),
     ("completion-best-of", X, completion(best_of=3), 400, "best_of", "unsupported_parameter"),

@@ -205,6 +205,50 @@ def test_json_object_mode_and_vllms_structured_outputs(client: openai.OpenAI) ->
     assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", dated.choices[0].text)
 
 
+WEATHER = {"type": "function", "function": {"name": "w", "description": "the weather in a city", "parameters": {
+    "type": "object", "required": ["c"], "additionalProperties": False,
+    "properties": {"c": {"enum": ["Rome", "Oslo"]}}}}}
+CLOCK = {"type": "function", "function": {"name": "t", "description": "the time", "parameters": {
+    "type": "object", "properties": {}, "additionalProperties": False}}}
+
+
+def test_tool_choice_required_gives_tool_calls_with_valid_arguments(client: openai.OpenAI) -> None:
+    for seed in range(3):
+        response = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER, CLOCK],
+                                                  tool_choice="required", seed=seed, parallel_tool_calls=False)
+        choice = response.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls  # parallel_tool_calls=False: exactly one
+        assert call.id.startswith("call_") and call.type == "function"
+        arguments = json.loads(call.function.arguments)
+        assert (call.function.name, arguments) in [("t", {}), ("w", {"c": "Rome"}), ("w", {"c": "Oslo"})]
+
+
+def test_a_named_tool_is_the_one_called_and_streaming_sends_the_call_whole(client: openai.OpenAI) -> None:
+    kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER, CLOCK], temperature=0,
+                  tool_choice={"type": "function", "function": {"name": "w"}})
+    plain = client.chat.completions.create(**kwargs).choices[0]
+    assert plain.finish_reason == "tool_calls" and {c.function.name for c in plain.message.tool_calls} == {"w"}
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    calls = [c for chunk in chunks for choice in chunk.choices for c in choice.delta.tool_calls or []]
+    assert [(c.function.name, c.function.arguments) for c in calls] == \
+        [(c.function.name, c.function.arguments) for c in plain.message.tool_calls]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_conversation_with_tool_results_continues(client: openai.OpenAI) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "w", "arguments": '{"c": "Rome"}'}}
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    auto = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], max_tokens=64, seed=1)
+    choice = auto.choices[0]  # auto: a call or an answer, never both
+    assert choice.finish_reason in ("tool_calls", "stop")
+    assert (choice.message.tool_calls is None) != (choice.message.content is None)
+    none = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="none",
+                                          max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert none.choices[0].finish_reason == "length" and none.choices[0].message.tool_calls is None
+
+
 def test_echo_prepends_the_prompt(client: openai.OpenAI) -> None:
     choice = client.completions.create(model=MODEL, prompt="Echo me", max_tokens=3, echo=True,
                                        extra_body={"ignore_eos": True}).choices[0]

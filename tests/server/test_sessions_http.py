@@ -231,6 +231,10 @@ def test_responses_api_structured_output_through_the_clients_parse_helper(server
     ("POST", "/v1/sessions/import", None, 400, "invalid_state"),
     ("POST", "/v1/responses", {"model": TINY_MODEL_NAME, "input": "x", "previous_response_id": "resp_x"}, 400,
      "invalid_value"),
+    ("POST", "/v1/sessions/sess_x/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter"),
+    ("POST", "/v1/responses", {"model": TINY_MODEL_NAME, "input": [{"role": "tool", "tool_call_id": "c",
+                                                                    "content": "x"}]}, 400, "unsupported_parameter"),
 ])
 def test_session_errors(server, method, path, body, status, code):
     with client(server) as http:

@@ -39,6 +39,20 @@ def test_capital_of_france(client: openai.OpenAI) -> None:
     assert streamed == answer
 
 
+def test_a_tool_call_with_the_right_argument(client: openai.OpenAI) -> None:
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                       "required": ["city"], "additionalProperties": False}}}
+    response = client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What is the weather like in Paris?"}],
+        tools=[weather], tool_choice="required", temperature=0, max_tokens=60)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and "Paris" in json.loads(call.function.arguments)["city"]
+
+
 def test_docs_python_example(server) -> None:
     [code] = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
     printed = io.StringIO()
