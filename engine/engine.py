@@ -39,6 +39,7 @@ class GenerationRequest:
     state: FamState | None = None
     prefill_only: bool = False  # consume the prompt, generate nothing (session append)
     submitted_s: float = field(default_factory=time.monotonic)  # when it was made; its queue time counts from here
+    matcher: TokenMatcher | None = None  # params.output_format compiled ahead (AsyncEngine does it off the loop)
 
 
 @dataclass
@@ -127,17 +128,21 @@ class LLMEngine:
         state_nbytes = 0 if request.state is not None else self.state_nbytes
         if not self.scheduler.has_room(state_nbytes):
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests are already waiting")
-        matcher = None
-        if request.params.output_format is not None and not request.prefill_only:
-            if self.grammar is None:
-                raise InvalidRequestError(f"{request.params.output_format.param}: this engine has no tokenizer to "
-                                          "compile output formats with")
-            matcher = self.grammar.matcher(request.params.output_format)
+        matcher = request.matcher
+        if request.params.output_format is not None and not request.prefill_only and matcher is None:
+            matcher = self.compile_format(request.params)
         seq = SchedSequence(request.request_id, list(request.prompt_ids),
                             0 if request.prefill_only else request.params.max_tokens,
                             state_nbytes=state_nbytes, payload=_Payload(request, emit, matcher=matcher))
         self._by_id[request.request_id] = seq
         self.scheduler.add(seq)
+
+    def compile_format(self, params: SamplingParams) -> TokenMatcher:
+        """A fresh matcher for params.output_format; InvalidRequestError naming the field if it does not compile."""
+        if self.grammar is None:
+            raise InvalidRequestError(f"{params.output_format.param}: this engine has no tokenizer to compile output "
+                                      "formats with")
+        return self.grammar.matcher(params.output_format)
 
     def abort(self, request_id: str) -> None:
         seq = self._by_id.get(request_id)
@@ -299,6 +304,9 @@ class AsyncEngine:
             deliver(lambda: accepted.done() or accepted.set_result(error))
 
         finished = False
+        if request.params.output_format is not None and request.matcher is None and not request.prefill_only:
+            # Compiled here, in a worker thread: a large schema must not stall every other stream's steps.
+            request.matcher = await asyncio.to_thread(self.engine.compile_format, request.params)
         try:
             self._inbox.put(("add", request, emit, answer))
             error = await accepted  # the engine thread answers between two steps
