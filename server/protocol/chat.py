@@ -9,6 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from famserve.engine.sampling import MAX_LOGPROBS, SamplingParams
+from famserve.engine.structured import OutputFormat
 
 from .base import (FamserveInfo, IgnoreEos, MinP, N, OpenAIBaseModel, Penalty, RepetitionPenalty,
                    ResponseModel, Seed, StopSequences, StopTokenIds, StreamOptions, Temperature, TopK, TopP, Usage,
@@ -151,6 +152,11 @@ class ChatCompletionRequest(OpenAIBaseModel):
         """Whether the reply is held to the tool-call format (tools given and tool_choice is not none)."""
         return bool(called_tools(self.tools or [], self.tool_choice))
 
+    @property
+    def _must_call(self) -> bool:
+        """tool_choice required or named: the reply calls a tool, it cannot answer in words."""
+        return self.tool_choice not in (None, "auto", "none")
+
     _logit_bias = field_validator("logit_bias")(check_logit_bias)
 
     @field_validator("stream_options")
@@ -174,13 +180,12 @@ class ChatCompletionRequest(OpenAIBaseModel):
                                output_format=self._tool_format() or output_format(self.response_format,
                                                                                   self.structured_outputs))
 
-    def _tool_format(self):
+    def _tool_format(self) -> OutputFormat | None:
         tools = called_tools(self.tools or [], self.tool_choice)
         if not tools:
             return None
-        must_call = self.tool_choice is not None and self.tool_choice not in ("auto", "none")
-        named = must_call and self.tool_choice != "required"  # OpenAI: the named function, called once
-        return reply_format(tools, must_call, self.parallel_tool_calls is not False and not named)
+        named = self._must_call and self.tool_choice != "required"  # OpenAI: the named function, called once
+        return reply_format(tools, self._must_call, self.parallel_tool_calls is not False and not named)
 
     def template_messages(self) -> list[dict[str, str]]:
         """The conversation for the chat template: earlier tool calls and tool results in the JSON the model writes
@@ -197,8 +202,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
                 out.append(m.for_template())
         tools = called_tools(self.tools or [], self.tool_choice)
         if tools:
-            must_call = self.tool_choice not in (None, "auto")
-            prompt = system_prompt(tools, must_call)
+            prompt = system_prompt(tools, self._must_call)
             if out[0]["role"] == "system":
                 out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{prompt}"}
             else:
