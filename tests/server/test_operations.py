@@ -85,6 +85,7 @@ def test_openapi_describes_every_route_and_body(http: httpx.Client) -> None:
         assert name in schemas, name
     chat = schemas["ChatCompletionRequest"]["properties"]
     assert list(chat)[:2] == ["messages", "model"]  # the reference's order
-    assert list(chat)[-6:] == ["top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "session_id"]
+    assert list(chat)[-7:] == ["top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos",
+                               "structured_outputs", "session_id"]
     assert chat["top_k"]["description"].startswith("extension")
     assert set(paths["/v1/chat/completions"]["post"]["responses"]) >= {"200", "400", "404", "429", "503"}
