@@ -33,7 +33,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     if body.stream:
         deltas = await start_stream(request, service.stream(job))
         if body.calls_tools:  # a reply is known to be a tool call or an answer only once it is whole
-            deltas = _whole_replies(job, deltas)
+            deltas = _whole_replies(deltas)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(_chunks(job, service, deltas, include_usage, body.calls_tools))
     choices = await cancel_on_disconnect(request, service.collect(job))
@@ -53,7 +53,7 @@ def _choice(choice: ChoiceDelta, calls_tools: bool, logprobs: ChoiceLogprobs | N
                       logprobs=logprobs, finish_reason="tool_calls" if calls else choice.finish_reason)
 
 
-async def _whole_replies(job: Job, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+async def _whole_replies(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
     """Each choice's deltas joined into one, sent when the choice finishes."""
     pending: dict[int, ChoiceDelta] = {}
     async for delta in deltas:
