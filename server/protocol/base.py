@@ -72,6 +72,8 @@ def one_of(description: str) -> WrapValidator:
 
 
 TokenId = Annotated[int, Field(ge=0)]
+# OpenAI's rule for the names of functions and of JSON schemas: a-z, A-Z, 0-9, underscores and dashes, at most 64.
+OpenAIName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 StopSequences = Annotated[
     str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None,
     one_of(f"a string or a list of at most {MAX_STOP_SEQUENCES} strings"),

@@ -11,13 +11,13 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from famserve.engine.structured import OutputFormat, json_schema_format
 
-from .base import OpenAIBaseModel, invalid
+from .base import OpenAIBaseModel, OpenAIName, invalid
 
 ANY_OBJECT = {"type": "object"}
 
 
 class JsonSchemaFormat(OpenAIBaseModel):
-    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the schema's name (OpenAI's rules)")
+    name: OpenAIName = Field(description="the schema's name")
     description: str | None = Field(None, description="what the output is for; accepted and not used")
     schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the output follows")
     strict: bool | None = Field(None, description="accepted; the schema is always enforced token by token")
@@ -49,7 +49,7 @@ class TextFormat(OpenAIBaseModel):
     """The Responses API's `text.format`: response_format with the schema's fields beside its type."""
 
     type: Literal["text", "json_object", "json_schema"] = Field(description="as response_format's type")
-    name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="with json_schema")
+    name: OpenAIName | None = Field(None, description="with json_schema")
     description: str | None = Field(None, description="accepted and not used")
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="with json_schema: the schema")
     strict: bool | None = Field(None, description="accepted; the schema is always enforced token by token")

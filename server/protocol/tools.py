@@ -14,15 +14,14 @@ from pydantic import BaseModel, Field
 
 from famserve.engine.structured import OutputFormat, json_schema_format
 
-from .base import OpenAIBaseModel
+from .base import OpenAIBaseModel, OpenAIName
 
-NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
 ANY_ARGUMENTS = {"type": "object"}
 MAX_PARALLEL_CALLS = 16  # a bound on one reply's calls: a small model can repeat a call until max_tokens
 
 
 class FunctionDefinition(OpenAIBaseModel):
-    name: str = Field(pattern=NAME_PATTERN, description="a-z, A-Z, 0-9, underscores and dashes, at most 64")
+    name: OpenAIName = Field(description="a-z, A-Z, 0-9, underscores and dashes, at most 64")
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments (default: any object)")
     strict: bool | None = Field(None, description="accepted; the arguments always follow the schema")
