@@ -55,6 +55,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--passkey-beyond-window", type=int, default=0, metavar="N",
                    help="put every key 1..N blocks before the question's attention window, where only FAM can "
                         "carry it (default 0: the paper's layout, depth 0 half of the time)")
+    p.add_argument("--passkey-answer-anywhere", action="store_true",
+                   help="end each PassKey prompt at a random offset of its last block (unlabelled filler follows the "
+                        "answer), so answers are written at every position of a block, as in serving (default: "
+                        "every answer ends the sequence)")
     p.add_argument("--distill-weight", type=float, default=0.0, metavar="W",
                    help="minimise (1-W) x cross-entropy + W x KL to the base model reading the same sequence with "
                         "full attention (LoRA off): it sees what the window hides and keeps the base model's "
@@ -93,7 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig(model=args.model, out=args.out, data=tuple(args.data), passkey=args.passkey,
                           passkey_fraction=args.passkey_fraction, passkey_start_step=args.passkey_start_step,
-                          passkey_beyond_window=args.passkey_beyond_window, recall_fraction=args.recall_fraction,
+                          passkey_beyond_window=args.passkey_beyond_window,
+                          passkey_answer_anywhere=args.passkey_answer_anywhere, recall_fraction=args.recall_fraction,
                           distill_weight=args.distill_weight,
                           steps=args.steps, seq_len=args.seq_len,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,

@@ -56,15 +56,19 @@ class PassKeyExamples:
     of the time and at a random depth otherwise, so short sequences often have it inside the question's attention
     window. With beyond_window_blocks N > 0 every key sits in one of the N blocks just before the window of the
     question's last token (block_size L, memory_blocks M): out of BSWA's sight, the shortest distances that only
-    FAM can bridge (a curriculum starts at N = 1 and grows)."""
+    FAM can bridge (a curriculum starts at N = 1 and grows).
+
+    With answer_anywhere, each example ends its prompt at a random one of the last block_size positions (filler
+    follows the answer, unlabelled), so answers are written at every offset of a block, and in a fresh block, as in
+    serving; otherwise every answer ends the sequence, at one fixed offset."""
 
     def __init__(self, passkey: TextPassKey, seq_len: int, block_size: int = 0, memory_blocks: int = 0,
-                 beyond_window_blocks: int = 0):
+                 beyond_window_blocks: int = 0, answer_anywhere: bool = False):
         if beyond_window_blocks < 0:
             raise ValueError(f"beyond_window_blocks: must be >= 0, got {beyond_window_blocks}")
-        if beyond_window_blocks and block_size <= 0:
-            raise ValueError("beyond_window_blocks: needs the block size")
-        self.passkey, self.seq_len = passkey, seq_len
+        if (beyond_window_blocks or answer_anywhere) and block_size <= 0:
+            raise ValueError("beyond_window_blocks, answer_anywhere: need the block size")
+        self.passkey, self.seq_len, self.answer_anywhere = passkey, seq_len, answer_anywhere
         self.block_size, self.memory_blocks, self.beyond_window_blocks = block_size, memory_blocks, beyond_window_blocks
         self._sample(random.Random(0), farthest=True)  # fails early (ValueError) when seq_len is too short
 
@@ -72,13 +76,17 @@ class PassKeyExamples:
         return self._sample(rng)
 
     def _sample(self, rng: random.Random, farthest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        trailing = 0
+        if self.answer_anywhere:
+            trailing = self.block_size - 1 if farthest else rng.randrange(self.block_size)
         if self.beyond_window_blocks:
             gap = self.beyond_window_blocks if farthest else rng.randint(1, self.beyond_window_blocks)
             tokens, labels = self.passkey.training_example(self.seq_len, rng,
-                                                           place=lambda p, k: self._beyond_window(p, k, gap, rng))
+                                                           place=lambda p, k: self._beyond_window(p, k, gap, rng),
+                                                           trailing=trailing)
         else:
             depth = 0.0 if rng.random() < 0.5 else rng.random()
-            tokens, labels = self.passkey.training_example(self.seq_len, rng, depth)
+            tokens, labels = self.passkey.training_example(self.seq_len, rng, depth, trailing=trailing)
         return torch.tensor(tokens), torch.tensor(labels)
 
     def _beyond_window(self, prompt_tokens: int, key_tokens: int, gap: int, rng: random.Random) -> int:

@@ -124,12 +124,15 @@ class TextPassKey:
         return range(earliest, latest + 1)
 
     def training_example(self, num_tokens: int, rng: random.Random, depth: float = 0.0,
-                         place: Callable[[int, int], int] | None = None) -> tuple[list[int], list[int]]:
-        """Tokens (exactly num_tokens: prompt + answer) and labels (the answer tokens only, the closing period
-        included, shifted: the label at position t is the token at t+1). `place(prompt_tokens, key_sentence_tokens)`,
-        when given, picks the key sentence's start instead of `depth`."""
+                         place: Callable[[int, int], int] | None = None,
+                         trailing: int = 0) -> tuple[list[int], list[int]]:
+        """Tokens (exactly num_tokens: prompt + answer + `trailing` tokens of filler) and labels (the answer tokens
+        only, the closing period included, shifted: the label at position t is the token at t+1).
+        `place(prompt_tokens, key_sentence_tokens)`, when given, picks the key sentence's start instead of `depth`.
+        Trailing filler moves the answer earlier in the sequence (and in its block) without changing its loss: it
+        comes after the answer, which a causal model cannot see."""
         key = self.new_key(rng)
-        prompt_tokens = num_tokens - len(self.tokenizer.encode(ANSWER.format(key=key)))
+        prompt_tokens = num_tokens - trailing - len(self.tokenizer.encode(ANSWER.format(key=key)))
         key_start = None if place is None else place(prompt_tokens, self.key_tokens(key))
         example = self.make(prompt_tokens, rng, depth, key, key_start)
         tokens = example.prompt_ids + example.answer_ids
@@ -137,4 +140,6 @@ class TextPassKey:
         start = len(example.prompt_ids)
         for i, token in enumerate(example.answer_ids):
             labels[start - 1 + i] = token
+        if trailing:  # (no filler drawn otherwise: runs without it keep their random stream)
+            tokens, labels = tokens + self._filler(trailing, rng), labels + [IGNORE] * trailing
         return tokens, labels

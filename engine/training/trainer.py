@@ -160,6 +160,7 @@ class TrainConfig:
     passkey_fraction: float = 0.5  # with both data kinds: share of PassKey batches
     passkey_start_step: int = 0  # curriculum: text only before this step, then PassKey mixed in (needs both kinds)
     passkey_beyond_window: int = 0  # N > 0: every key 1..N blocks before the question's window (0: paper layout)
+    passkey_answer_anywhere: bool = False  # end PassKey prompts at every offset of a block (filler after the answer)
     recall_fraction: float = 0.0  # share of recall batches (a text span repeated beyond the window; needs --data)
     distill_weight: float = 0.0  # w: minimise (1 - w) * CE + w * KL(base model in full attention || model)
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this count)
@@ -212,6 +213,8 @@ class TrainConfig:
             raise ValueError(f"distill_weight: must be in 0..1, got {self.distill_weight}")
         if self.passkey_beyond_window < 0:
             raise ValueError(f"passkey_beyond_window: must be >= 0, got {self.passkey_beyond_window}")
+        if self.passkey_answer_anywhere and not self.passkey:
+            raise ValueError("passkey_answer_anywhere: places PassKey answers; give --passkey")
         if self.passkey_start_step < 0:
             raise ValueError(f"passkey_start_step: must be >= 0, got {self.passkey_start_step}")
         if self.init_adapter and self.resume:
@@ -337,7 +340,7 @@ def _batch_source(cfg: TrainConfig, tokenizer):
     ids = [t for piece in iter_text_tokens(cfg.data, tokenizer) for t in piece] if cfg.data else []
     text = TextWindows(ids, cfg.seq_len) if ids else None
     passkey = PassKeyExamples(TextPassKey(tokenizer, ids or None), cfg.seq_len, cfg.block_size, cfg.memory_blocks,
-                              cfg.passkey_beyond_window) if cfg.passkey else None
+                              cfg.passkey_beyond_window, cfg.passkey_answer_anywhere) if cfg.passkey else None
     recall = (RecallExamples(text, cfg.seq_len, cfg.block_size, cfg.memory_blocks, cfg.sink_tokens)
               if cfg.recall_fraction else None)
     return BatchSource(cfg.batch_size, text, passkey, cfg.passkey_fraction, cfg.seed, cfg.passkey_start_step,

@@ -1,6 +1,7 @@
 """Training examples for memory (engine/training/data.py). PassKey beyond the attention window: every key sentence
 lies whole in one of the N blocks just before the window of the question's last token, all N distances occur, and a
-sequence too short for the layout is refused up front. Recall: the sequence ends with a repeat of the span after the
+sequence too short for the layout is refused up front; with answer_anywhere answers start at every offset of a block.
+Recall: the sequence ends with a repeat of the span after the
 sinks, out of the repeat's window, with loss on the repeat only. BatchSource mixes the kinds at their fractions, and
 a run without recall draws exactly the batches it drew before recall existed."""
 
@@ -30,7 +31,7 @@ def overhead(passkey: TextPassKey) -> int:
 def key_span(passkey: TextPassKey, tokens: list[int], labels: list[int]) -> tuple[int, int, int]:
     """(first index of the key sentence, one past its last, index of the last prompt token) in one example."""
     last_prompt = next(i for i, label in enumerate(labels) if label != IGNORE)
-    key = passkey.tokenizer.decode(tokens[last_prompt + 1:]).strip().rstrip(".")
+    key = passkey.tokenizer.decode([label for label in labels if label != IGNORE]).strip().rstrip(".")
     sentence = passkey._key_ids(key)
     start = next(i for i in range(len(tokens)) if tokens[i:i + len(sentence)] == sentence)
     return start, start + len(sentence), last_prompt
@@ -51,6 +52,24 @@ def test_every_key_lies_in_one_of_the_blocks_just_before_the_window(passkey: Tex
         assert 1 <= gap <= gaps
         seen.add(gap)
     assert seen == set(range(1, gaps + 1))
+
+
+def test_answers_anywhere_start_at_every_offset_of_a_block_with_the_key_still_beyond_the_window(
+        passkey: TextPassKey) -> None:
+    seq_len = overhead(passkey) + (M + 3) * L + 5
+    examples = PassKeyExamples(passkey, seq_len, block_size=L, memory_blocks=M, beyond_window_blocks=1,
+                               answer_anywhere=True)
+    rng, offsets = random.Random(2), set()
+    for _ in range(200):
+        tokens, labels = (t.tolist() for t in examples.sample(rng))
+        assert len(tokens) == len(labels) == seq_len
+        start, end, last_prompt = key_span(passkey, tokens, labels)
+        assert end <= (last_prompt // L - M) * L  # still out of the question's window
+        answer = [i for i, label in enumerate(labels) if label != IGNORE]
+        assert answer == list(range(last_prompt, last_prompt + len(answer)))  # one labelled run: the answer
+        assert [tokens[i + 1] for i in answer] == [labels[i] for i in answer]
+        offsets.add((last_prompt + 1) % L)  # where the answer's first token sits in its block
+    assert offsets == set(range(L))  # 0: the answer opens a fresh block
 
 
 def test_the_paper_layout_puts_keys_inside_short_windows(passkey: TextPassKey) -> None:

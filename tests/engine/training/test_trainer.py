@@ -164,6 +164,8 @@ def test_bad_config_names_the_field(tiny_llama_dir, tmp_path):
         config(tiny_llama_dir, tmp_path, recall_fraction=1.5)
     with pytest.raises(ValueError, match="passkey_beyond_window: must be >= 0, got -2"):
         config(tiny_llama_dir, tmp_path, passkey_beyond_window=-2)
+    with pytest.raises(ValueError, match="passkey_answer_anywhere: places PassKey answers; give --passkey"):
+        config(tiny_llama_dir, tmp_path, passkey_answer_anywhere=True, passkey=False)
     with pytest.raises(ValueError, match="seq_len: 200 tokens leave no room for a key 9 blocks beyond the window"):
         train(config(tiny_llama_dir, tmp_path, passkey_beyond_window=9), progress=False)  # refused before step 1
 
