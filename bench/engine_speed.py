@@ -307,7 +307,8 @@ def stream_points(system: FamserveSystem, corpus: torch.Tensor, contexts: list[i
         points.append(Point(context, prefill_s, time.perf_counter() - t0, system.state_nbytes(state), rss_bytes(),
                             device_allocated()))
         print(f"  {label:>8} @ {context:>8}: prefill {prefill_s:8.1f} s ({context / prefill_s:7.0f} tok/s), "
-              f"decode {points[-1].decode_s / num_decode * 1e3:7.1f} ms/token, RSS {points[-1].rss_bytes / MIB:6.0f} MiB",
+              f"decode {points[-1].decode_s / num_decode * 1e3:7.1f} ms/token, "
+              f"RSS {points[-1].rss_bytes / MIB:6.0f} MiB",
               flush=True)
     return points
 
@@ -373,8 +374,9 @@ def run_system(key: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     shape = roofline.Shape.of(lm.model.config)
     limit = max_context(key, args, lm.model.config.max_position_embeddings)
     contexts = [c for c in args.contexts if limit is None or c <= limit]
-    results: list[dict[str, Any]] = [{"system": key, "context_tokens": c, "skipped": f"longer than this system's "
-                                      f"limit in this run ({limit} tokens)"} for c in args.contexts if c not in contexts]
+    skipped = f"longer than this system's limit in this run ({limit} tokens)"
+    results: list[dict[str, Any]] = [{"system": key, "context_tokens": c, "skipped": skipped}
+                                     for c in args.contexts if c not in contexts]
     if not contexts:
         return results
     started = time.perf_counter()

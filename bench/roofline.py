@@ -158,7 +158,8 @@ def prefill_flops(shape: Shape, num_tokens: int, window: Window | None, logits_r
     return dense + head + shape.attention_flops(pairs) + fam
 
 
-def decode_bytes(shape: Shape, position: int, window: Window | None, weight_bytes: float, kv_element_bytes: float) -> float:
+def decode_bytes(shape: Shape, position: int, window: Window | None, weight_bytes: float,
+                 kv_element_bytes: float) -> float:
     """Bytes one decode step at `position` reads: all weights once (`weight_bytes` in total) and the keys/values of
     the positions it attends to."""
     return weight_bytes + shape.kv_bytes(visible_keys(window, position), kv_element_bytes)

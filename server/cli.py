@@ -79,7 +79,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             logits = runner.decode([state], [token])
     sys.stdout.write(detok.flush() + "\n")
     t_decode = time.perf_counter() - t1
-    print(f"[famserve] prompt {len(prompt)} tokens in {t_prefill:.2f}s ({len(prompt) / max(t_prefill, 1e-9):.1f} tok/s); "
+    print(f"[famserve] prompt {len(prompt)} tokens in {t_prefill:.2f}s "
+          f"({len(prompt) / max(t_prefill, 1e-9):.1f} tok/s); "
           f"generated {n} tokens in {t_decode:.2f}s ({n / max(t_decode, 1e-9):.1f} tok/s); "
           f"state {state.nbytes / 2**20:.1f} MiB", file=sys.stderr)
     return 0

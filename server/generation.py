@@ -237,7 +237,8 @@ class GenerationService:
         try:
             request = GenerationRequest(request_id, prompt_ids, params, state=job.state)
             async with aclosing(self.engine.generate(request)) as outputs:
-                held: list[int] = []  # ids of tokens that added no text yet (half a character): they ride on the next delta
+                # ids of tokens that added no text yet (half a character): they ride on the next delta
+                held: list[int] = []
                 async for out in outputs:
                     if out.finished:
                         finished = True

@@ -98,7 +98,8 @@ def test_chat_streams_the_reply(page) -> None:
     send(page, "Hello there")
     reply = page.locator(".message.assistant").last
     # sampled (the page's default temperature), so the reply may end early on the end-of-turn token
-    expect(reply.locator(".info")).to_have_text(re.compile(r"finish: (length|stop) · 19 prompt \+ \d+ generated tokens"))
+    info = re.compile(r"finish: (length|stop) · 19 prompt \+ \d+ generated tokens")
+    expect(reply.locator(".info")).to_have_text(info)
     assert reply.locator(".text").inner_text() != ""
     assert page.evaluate("window.textUpdates") > 5  # many deltas, not one final answer
     expect(page.locator("#mode")).to_have_text("bswa (L=8 M=1 S=4)")

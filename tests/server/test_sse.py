@@ -62,7 +62,8 @@ def test_completion_stream_bytes(http: httpx.Client) -> None:
 def test_stream_content_never_splits_a_character(http: httpx.Client) -> None:
     """Each delta is whole characters: joined, they equal the non-streamed text (a split character would show as
     U+FFFD in two deltas but as the character in the full text)."""
-    body = {"model": MODEL, "prompt": "€ £ ü 日本語 🙂", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "€ £ ü 日本語 🙂", "max_tokens": 48, "temperature": 0,
+            "ignore_eos": True}
     full = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
     _, events = stream_events(http, "/v1/completions", body)
     pieces = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
