@@ -150,9 +150,10 @@ def passkey_rows(label: str, lm: LoadedModel, args: argparse.Namespace, full_con
                               None, args.passkey_batch, args.chunk_tokens):
         rows.append({"label": label, "mode": r.mode, "num_tokens": r.num_tokens, "trials": r.trials,
                      "correct": r.correct, "accuracy": r.accuracy, "digit_accuracy": r.digit_accuracy,
-                     "outputs": r.outputs})
+                     "digits_written": r.digits_written, "from_key": r.from_key, "outputs": r.outputs})
         print(f"  {label:>12} passkey @ {r.num_tokens:>7}: {r.correct}/{r.trials} "
-              f"({r.digit_accuracy:.0%} of key digits in place)", flush=True)
+              f"({r.digit_accuracy:.0%} of key digits in place, {r.from_key:.0%} of written digits from the key)",
+              flush=True)
     return rows
 
 

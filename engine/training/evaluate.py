@@ -88,6 +88,8 @@ class PassKeyResult:
     correct: int
     outputs: list[dict] = field(default_factory=list)  # per trial: key, its index, generated text, scores
     digits_correct: float = 0.0  # key digits in place, summed over trials (a partial score a 0/N can hide)
+    digits_written: int = 0  # digits of the first generated numbers, over trials
+    digits_from_key: int = 0  # of those, digits that occur in their trial's key
 
     @property
     def accuracy(self) -> float:
@@ -98,6 +100,12 @@ class PassKeyResult:
         """Share of key digits the first generated number has in their place (chance: about 1/10)."""
         return self.digits_correct / self.trials if self.trials else 0.0
 
+    @property
+    def from_key(self) -> float:
+        """Share of the generated digits that occur in the key, in any place: a memory of which digits the key has
+        even when their order is lost. Chance for 5 random digits: about 41% (1 - 0.9^5)."""
+        return self.digits_from_key / self.digits_written if self.digits_written else 0.0
+
 
 def first_number(text: str) -> str | None:
     found = re.search(r"\d+", text)
@@ -107,6 +115,11 @@ def first_number(text: str) -> str | None:
 def digits_in_place(number: str | None, key: str) -> float:
     """Share of the key's digits that `number` has at the same position ("12395" for "12345": 0.8)."""
     return sum(a == b for a, b in zip(number or "", key)) / len(key)
+
+
+def digits_from_key(number: str | None, key: str) -> int:
+    """How many of `number`'s digits occur somewhere in the key ("55321" for "12345": 5; "67" for it: 0)."""
+    return sum(digit in key for digit in number or "")
 
 
 @torch.no_grad()
@@ -157,6 +170,8 @@ def passkey(model: FamModel, tokenizer: Tokenizer, lengths: Sequence[int], trial
                 digits = digits_in_place(number, prompt.key)
                 result.correct += number == prompt.key
                 result.digits_correct += digits
+                result.digits_written += len(number or "")
+                result.digits_from_key += digits_from_key(number, prompt.key)
                 result.outputs.append({"key": prompt.key, "key_at": prompt.key_token_index, "generated": text,
                                        "correct": number == prompt.key, "digits": digits})
         results.append(result)

@@ -15,7 +15,8 @@ from famserve.engine.config import FamConfig
 from famserve.engine.runner import ModelRunner
 from famserve.engine.training.cli import add_eval_parser, add_train_parser
 from famserve.engine.training.data import RecallExamples, TextWindows
-from famserve.engine.training.evaluate import digits_in_place, first_number, passkey, perplexity, recall
+from famserve.engine.training.evaluate import (digits_from_key, digits_in_place, first_number, passkey, perplexity,
+                                               recall)
 from famserve.engine.training.passkey import TextPassKey
 from famserve.engine.training.sequence import sequence_logits
 
@@ -73,6 +74,11 @@ def test_digits_in_place(number, score):
     assert digits_in_place(number, "12345") == pytest.approx(score)
 
 
+@pytest.mark.parametrize("number,count", [("55321", 5), ("12345", 5), ("67", 0), ("1960", 1), (None, 0)])
+def test_digits_from_key(number, count):
+    assert digits_from_key(number, "12345") == count
+
+
 def test_passkey_eval_runs_through_the_engine(tiny_llama_dir):
     loaded = load_model(tiny_llama_dir, FamConfig(block_size=64, memory_blocks=1, sink_tokens=2), mode="bswa")
     results = passkey(loaded.model, loaded.tokenizer, [260, 300], trials=3, seed=1, batch_size=2)
@@ -81,6 +87,9 @@ def test_passkey_eval_runs_through_the_engine(tiny_llama_dir):
         assert r.correct == sum(o["correct"] for o in r.outputs) and 0.0 <= r.accuracy <= 1.0
         assert r.digit_accuracy == pytest.approx(sum(o["digits"] for o in r.outputs) / r.trials)
         assert r.digit_accuracy >= r.accuracy
+        numbers = [first_number(o["generated"]) for o in r.outputs]
+        assert r.digits_written == sum(len(n or "") for n in numbers)
+        assert r.digits_from_key == sum(digits_from_key(n, o["key"]) for n, o in zip(numbers, r.outputs))
         assert all(len(o["key"]) == 5 for o in r.outputs)
     again = passkey(loaded.model, loaded.tokenizer, [260], trials=3, seed=1, batch_size=3)  # other batching
     assert again[0].outputs == results[0].outputs
@@ -145,6 +154,7 @@ def test_eval_passkey_command_writes_json(tiny_llama_dir, tmp_path):
     assert (result["mode"], result["num_tokens"], result["trials"]) == ("bswa (L=64 M=1 S=4)", 260, 2)
     assert payload["beyond_window"] == 1 and all(128 <= o["key_at"] < 192 for o in result["outputs"])
     assert result["digit_accuracy"] == pytest.approx(sum(o["digits"] for o in result["outputs"]) / 2)
+    assert 0.0 <= result["from_key"] <= 1.0 and result["digits_written"] >= 0
 
 
 def test_train_command_writes_an_adapter(tiny_llama_dir, tmp_path):
