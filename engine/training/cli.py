@@ -52,6 +52,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--recall-fraction", type=float, default=0.0,
                    help="share of recall batches: a text span repeated past the attention window, loss on the repeat "
                         "only (a dense memory signal; needs --data)")
+    p.add_argument("--chat-data", default=None, metavar="FILE",
+                   help="JSONL of conversations, one {\"messages\": [...]} per line (bench/chat_data.py writes one)")
+    p.add_argument("--chat-fraction", type=float, default=0.0,
+                   help="share of chat batches: conversations in the model's chat template, loss on the assistant's "
+                        "turns (with --distill-weight: the base model's own chat behaviour)")
     p.add_argument("--passkey-beyond-window", type=int, default=0, metavar="N",
                    help="put every key 1..N blocks before the question's attention window, where only FAM can "
                         "carry it (default 0: the paper's layout, depth 0 half of the time)")
@@ -99,6 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           passkey_fraction=args.passkey_fraction, passkey_start_step=args.passkey_start_step,
                           passkey_beyond_window=args.passkey_beyond_window,
                           passkey_answer_anywhere=args.passkey_answer_anywhere, recall_fraction=args.recall_fraction,
+                          chat_data=args.chat_data, chat_fraction=args.chat_fraction,
                           distill_weight=args.distill_weight,
                           steps=args.steps, seq_len=args.seq_len,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,

@@ -1,13 +1,15 @@
 """Training batches for `famserve train`: random windows of tokenized text files (next-token loss everywhere), text
-PassKey examples (loss on the key only) and text recall examples (loss on a repeated span only), mixed at fixed
-ratios, optionally text only for the first steps.
+PassKey examples (loss on the key only), text recall examples (loss on a repeated span only) and conversations in
+the model's chat template (loss on the assistant's turns only), mixed at fixed ratios, optionally text only for the
+first steps.
 Everything draws from one random.Random whose state goes into training checkpoints, so a resumed run sees the
 batches it would have seen."""
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -134,10 +136,77 @@ class RecallExamples:
         return tokens, labels
 
 
+def load_conversations(path: str | Path) -> list[list[dict[str, str]]]:
+    """Conversations from a JSONL file, one {"messages": [{"role": "user"|"assistant", "content": ...}, ...]} per
+    line (bench/chat_data.py writes one)."""
+    conversations = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            if not messages or any(m["role"] not in ("system", "user", "assistant") or not isinstance(m["content"], str)
+                                   for m in messages):
+                raise ValueError("roles must be system, user or assistant, contents strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"chat data: {path}:{number}: not a conversation ({exc})") from exc
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    if not conversations:
+        raise ValueError(f"chat data: {path}: no conversations")
+    return conversations
+
+
+def chat_example(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
+    """One conversation in the model's chat template as tokens, with labels (shifted: the label at position t is
+    the token at t+1) on the assistant turns only, each with its end-of-turn marker: what the model says, not what
+    it reads. The template text is cut at each assistant turn and the pieces tokenized one by one."""
+    tokens: list[int] = []
+    said: list[bool] = []  # per token: written by the assistant
+    done = ""  # the template text tokenized so far
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.render_chat(messages[:i], add_generation_prompt=True)
+        turn = tokenizer.render_chat(messages[:i + 1], add_generation_prompt=False)
+        if not (prompt.startswith(done) and turn.startswith(prompt)):
+            raise ValueError("chat data: this model's chat template does not render a conversation's turns as "
+                             "prefixes of each other")
+        for text, by_assistant in ((prompt[len(done):], False), (turn[len(prompt):], True)):
+            ids = tokenizer.encode(text)
+            tokens += ids
+            said += [by_assistant] * len(ids)
+        done = turn
+    labels = [token if by_assistant else IGNORE for token, by_assistant in zip(tokens[1:], said[1:])] + [IGNORE]
+    return tokens, labels
+
+
+class ChatExamples:
+    """Conversations in the model's chat template, packed end to end (in random order) into sequences of exactly
+    seq_len tokens, with loss on the assistant's turns. With distillation (--distill-weight) they hold the model to
+    its own chat behaviour while other batches teach memory: PassKey and novels alone made the adapters answer
+    questions with five-digit numbers and novel prose."""
+
+    def __init__(self, tokenizer: Tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]], seq_len: int):
+        self.examples = [chat_example(tokenizer, c) for c in conversations]
+        self.examples = [e for e in self.examples if any(label != IGNORE for label in e[1])]
+        if not self.examples:
+            raise ValueError("chat data: no conversation has an assistant turn")
+        self.seq_len = seq_len
+
+    def sample(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens: list[int] = []
+        labels: list[int] = []
+        while len(tokens) < self.seq_len:
+            more_tokens, more_labels = rng.choice(self.examples)
+            tokens += more_tokens
+            labels += more_labels
+        return torch.tensor(tokens[:self.seq_len]), torch.tensor(labels[:self.seq_len])
+
+
 class BatchSource:
-    """Batches (tokens (B, T), labels (B, T)) from text windows, PassKey and recall examples; each batch is PassKey
-    with probability passkey_fraction, recall with probability recall_fraction, text otherwise, from step
-    passkey_start_step on (a curriculum: text only before it).
+    """Batches (tokens (B, T), labels (B, T)) from text windows, PassKey, recall and chat examples; each batch is
+    PassKey with probability passkey_fraction, recall with probability recall_fraction, chat with probability
+    chat_fraction, text otherwise, from step passkey_start_step on (a curriculum: text only before it).
 
     The batch of a step depends only on the random state and that step number (which a resumed run takes from its
     checkpoint), and the coin is drawn in the text-only steps too, so the first passkey_start_step batches are those
@@ -145,31 +214,35 @@ class BatchSource:
 
     def __init__(self, batch_size: int, text: TextWindows | None, passkey: PassKeyExamples | None,
                  passkey_fraction: float, seed: int, passkey_start_step: int = 0,
-                 recall: RecallExamples | None = None, recall_fraction: float = 0.0):
+                 recall: RecallExamples | None = None, recall_fraction: float = 0.0,
+                 chat: ChatExamples | None = None, chat_fraction: float = 0.0):
         if text is None and passkey is None:
             raise ValueError("training data: give text files (--data) and/or --passkey")
         if passkey_start_step and (text is None or (passkey is None and recall is None)):
             raise ValueError("passkey_start_step: a curriculum needs both text (--data) and --passkey or recall")
-        self.batch_size, self.text, self.passkey, self.recall = batch_size, text, passkey, recall
+        self.batch_size, self.text, self.passkey, self.recall, self.chat = batch_size, text, passkey, recall, chat
         self.passkey_fraction = 1.0 if text is None else (0.0 if passkey is None else passkey_fraction)
         self.recall_fraction = 0.0 if recall is None else recall_fraction
-        if self.passkey_fraction + self.recall_fraction > 1.0:
-            raise ValueError(f"passkey_fraction + recall_fraction: must be <= 1, got "
-                             f"{self.passkey_fraction + self.recall_fraction}")
+        self.chat_fraction = 0.0 if chat is None else chat_fraction
+        if self.passkey_fraction + self.recall_fraction + self.chat_fraction > 1.0:
+            raise ValueError(f"passkey_fraction + recall_fraction + chat_fraction: must be <= 1, got "
+                             f"{self.passkey_fraction + self.recall_fraction + self.chat_fraction}")
         self.passkey_start_step = passkey_start_step
         self.rng = random.Random(seed)
-        self.last_kind = ""  # "text", "passkey" or "recall": what the last batch was
+        self.last_kind = ""  # "text", "passkey", "recall" or "chat": what the last batch was
 
     def next_batch(self, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of 0-based training step `step`."""
-        coin = self.rng.random()  # one coin for every kind: runs without recall draw exactly as before it existed
+        coin = self.rng.random()  # one coin for every kind: runs without recall or chat draw as before they existed
         self.last_kind = "text"
         if step >= self.passkey_start_step:
             if coin < self.passkey_fraction:
                 self.last_kind = "passkey"
             elif coin < self.passkey_fraction + self.recall_fraction:
                 self.last_kind = "recall"
-        source = {"text": self.text, "passkey": self.passkey, "recall": self.recall}[self.last_kind]
+            elif coin < self.passkey_fraction + self.recall_fraction + self.chat_fraction:
+                self.last_kind = "chat"
+        source = {"text": self.text, "passkey": self.passkey, "recall": self.recall, "chat": self.chat}[self.last_kind]
         pairs = [source.sample(self.rng) for _ in range(self.batch_size)]
         tokens = torch.stack([p[0] for p in pairs])
         labels = torch.stack([p[1] for p in pairs])

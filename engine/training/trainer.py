@@ -162,6 +162,8 @@ class TrainConfig:
     passkey_beyond_window: int = 0  # N > 0: every key 1..N blocks before the question's window (0: paper layout)
     passkey_answer_anywhere: bool = False  # end PassKey prompts at every offset of a block (filler after the answer)
     recall_fraction: float = 0.0  # share of recall batches (a text span repeated beyond the window; needs --data)
+    chat_data: str | None = None  # JSONL of conversations ({"messages": [...]}) for chat batches
+    chat_fraction: float = 0.0  # share of chat batches (loss on the assistant's turns; needs chat_data)
     distill_weight: float = 0.0  # w: minimise (1 - w) * CE + w * KL(base model in full attention || model)
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this count)
     seq_len: int = 1024  # tokens per training sequence
@@ -209,6 +211,10 @@ class TrainConfig:
             raise ValueError(f"recall_fraction: must be in 0..1, got {self.recall_fraction}")
         if self.recall_fraction and not self.data:
             raise ValueError("recall_fraction: recall examples are made of text: give --data")
+        if not 0.0 <= self.chat_fraction <= 1.0:
+            raise ValueError(f"chat_fraction: must be in 0..1, got {self.chat_fraction}")
+        if bool(self.chat_fraction) != bool(self.chat_data):
+            raise ValueError("chat_fraction: chat batches need both --chat-data and a --chat-fraction above 0")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight: must be in 0..1, got {self.distill_weight}")
         if self.passkey_beyond_window < 0:
@@ -333,8 +339,8 @@ def _fit_schedule(trainer: FamTrainer, cfg: TrainConfig, seconds: float, done: i
 
 
 def _batch_source(cfg: TrainConfig, tokenizer):
-    from famserve.engine.training.data import (BatchSource, PassKeyExamples, RecallExamples, TextWindows,
-                                               iter_text_tokens)
+    from famserve.engine.training.data import (BatchSource, ChatExamples, PassKeyExamples, RecallExamples,
+                                               TextWindows, iter_text_tokens, load_conversations)
     from famserve.engine.training.passkey import TextPassKey
 
     ids = [t for piece in iter_text_tokens(cfg.data, tokenizer) for t in piece] if cfg.data else []
@@ -343,8 +349,9 @@ def _batch_source(cfg: TrainConfig, tokenizer):
                               cfg.passkey_beyond_window, cfg.passkey_answer_anywhere) if cfg.passkey else None
     recall = (RecallExamples(text, cfg.seq_len, cfg.block_size, cfg.memory_blocks, cfg.sink_tokens)
               if cfg.recall_fraction else None)
+    chat = ChatExamples(tokenizer, load_conversations(cfg.chat_data), cfg.seq_len) if cfg.chat_data else None
     return BatchSource(cfg.batch_size, text, passkey, cfg.passkey_fraction, cfg.seed, cfg.passkey_start_step,
-                       recall, cfg.recall_fraction)
+                       recall, cfg.recall_fraction, chat, cfg.chat_fraction)
 
 
 def _config_dict(cfg: TrainConfig) -> dict:

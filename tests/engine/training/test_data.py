@@ -1,10 +1,12 @@
-"""Training examples for memory (engine/training/data.py). PassKey beyond the attention window: every key sentence
-lies whole in one of the N blocks just before the window of the question's last token, all N distances occur, and a
-sequence too short for the layout is refused up front; with answer_anywhere answers start at every offset of a block.
-Recall: the sequence ends with a repeat of the span after the
-sinks, out of the repeat's window, with loss on the repeat only. BatchSource mixes the kinds at their fractions, and
-a run without recall draws exactly the batches it drew before recall existed."""
+"""Training examples (engine/training/data.py). PassKey beyond the attention window: every key sentence lies whole in
+one of the N blocks just before the window of the question's last token, all N distances occur, and a sequence too
+short for the layout is refused up front; with answer_anywhere answers start at every offset of a block. Recall: the
+sequence ends with a repeat of the span after the sinks, out of the repeat's window, with loss on the repeat only.
+Chat: conversations in the chat template, loss on what the assistant says, packed into sequences of the training
+length. BatchSource mixes the kinds at their fractions, and a run without recall draws exactly the batches it drew
+before recall existed."""
 
+import json
 import random
 
 import pytest
@@ -12,7 +14,8 @@ import torch
 
 from famserve.engine.build import load_model
 from famserve.engine.config import FamConfig
-from famserve.engine.training.data import BatchSource, PassKeyExamples, RecallExamples, TextWindows
+from famserve.engine.training.data import (BatchSource, ChatExamples, PassKeyExamples, RecallExamples, TextWindows,
+                                           chat_example, load_conversations)
 from famserve.engine.training.passkey import ANSWER, IGNORE, TextPassKey
 
 L, M = 16, 1
@@ -131,5 +134,56 @@ def test_batches_mix_the_kinds_and_runs_without_recall_draw_as_before(passkey: T
                        BatchSource(2, text, keys, passkey_fraction=0.5, seed=9))
     for step in range(6):
         assert all(torch.equal(a, b) for a, b in zip(without.next_batch(step), before.next_batch(step)))
-    with pytest.raises(ValueError, match="passkey_fraction \\+ recall_fraction: must be <= 1, got 1.2"):
+    too_much = "passkey_fraction \\+ recall_fraction \\+ chat_fraction: must be <= 1, got 1.2"
+    with pytest.raises(ValueError, match=too_much):
         BatchSource(1, text, keys, passkey_fraction=0.6, seed=0, recall=recall, recall_fraction=0.6)
+
+
+CHAT = [[{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi, how are you"},
+         {"role": "user", "content": "fine thanks"}, {"role": "assistant", "content": "good to hear"}],
+        [{"role": "user", "content": "what is your name"}, {"role": "assistant", "content": "a tiny model"}]]
+
+
+def test_chat_labels_are_what_the_assistant_says(passkey: TextPassKey) -> None:
+    tokenizer = passkey.tokenizer
+    tokens, labels = chat_example(tokenizer, CHAT[0])
+    assert tokens == tokenizer.apply_chat_template(CHAT[0], add_generation_prompt=False)
+    assert len(labels) == len(tokens) and labels[-1] == IGNORE
+    assert all(label in (IGNORE, tokens[t + 1]) for t, label in enumerate(labels[:-1]))  # shifted by one
+    said = tokenizer.decode([label for label in labels if label != IGNORE])
+    assert said == "hi, how are you<|im_end|>\ngood to hear<|im_end|>\n"
+
+
+def test_chat_examples_pack_conversations_into_the_training_length(passkey: TextPassKey) -> None:
+    lengths = [len(chat_example(passkey.tokenizer, c)[0]) for c in CHAT]
+    seq_len = sum(lengths) + 5  # more than both: at least three conversations end to end
+    examples = ChatExamples(passkey.tokenizer, CHAT, seq_len)
+    tokens, labels = examples.sample(random.Random(0))
+    assert tokens.shape == labels.shape == (seq_len,)
+    text = passkey.tokenizer.decode(tokens.tolist())
+    assert text.count("<|im_start|>assistant") >= 3 - text.endswith("<|im_start|>assistant")
+    with pytest.raises(ValueError, match="no conversation has an assistant turn"):
+        ChatExamples(passkey.tokenizer, [[{"role": "user", "content": "anyone?"}]], seq_len)
+
+
+def test_conversations_load_from_jsonl_and_a_bad_line_is_named(tmp_path) -> None:
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHAT) + "\n")
+    assert load_conversations(path) == CHAT
+    path.write_text(json.dumps({"messages": CHAT[1]}) + "\n" + json.dumps({"messages": [{"role": "bot"}]}) + "\n")
+    with pytest.raises(ValueError, match="chat.jsonl:2: not a conversation"):
+        load_conversations(path)
+
+
+def test_batches_draw_chat_at_its_fraction(passkey: TextPassKey, text: TextWindows) -> None:
+    seq_len = overhead(passkey) + 4 * L
+    text = TextWindows(text.ids.tolist(), seq_len)
+    keys = PassKeyExamples(passkey, seq_len, block_size=L, memory_blocks=M)
+    chat = ChatExamples(passkey.tokenizer, CHAT, seq_len)
+    mixed = BatchSource(1, text, keys, passkey_fraction=0.3, seed=5, chat=chat, chat_fraction=0.4)
+    kinds = []
+    for step in range(200):
+        tokens, labels = mixed.next_batch(step)
+        kinds.append(mixed.last_kind)
+        assert tokens.shape == (1, seq_len)
+    assert 40 <= kinds.count("passkey") <= 80 and 60 <= kinds.count("chat") <= 100

@@ -164,6 +164,8 @@ def test_bad_config_names_the_field(tiny_llama_dir, tmp_path):
         config(tiny_llama_dir, tmp_path, recall_fraction=1.5)
     with pytest.raises(ValueError, match="passkey_beyond_window: must be >= 0, got -2"):
         config(tiny_llama_dir, tmp_path, passkey_beyond_window=-2)
+    with pytest.raises(ValueError, match="chat_fraction: chat batches need both --chat-data and a --chat-fraction"):
+        config(tiny_llama_dir, tmp_path, chat_fraction=0.3)
     with pytest.raises(ValueError, match="passkey_answer_anywhere: places PassKey answers; give --passkey"):
         config(tiny_llama_dir, tmp_path, passkey_answer_anywhere=True, passkey=False)
     with pytest.raises(ValueError, match="seq_len: 200 tokens leave no room for a key 9 blocks beyond the window"):
@@ -238,6 +240,18 @@ def test_recall_batches_train_and_are_logged(tiny_llama_dir, tmp_path):
     result = train(cfg, progress=False)
     log = [json.loads(line) for line in cfg.paths()[2].read_text().splitlines()]
     assert result.steps == 6 and {r["data"] for r in log} == {"text", "recall"}
+    assert all(r["loss"] > 0 for r in log)
+
+
+def test_chat_batches_train_and_are_logged(tiny_llama_dir, tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hello there"},
+                                             {"role": "assistant", "content": "hi, how are you"}]}) + "\n")
+    cfg = config(tiny_llama_dir, tmp_path, passkey=False, chat_data=str(chat), chat_fraction=0.5, steps=6,
+                 checkpoint_every=0)
+    result = train(cfg, progress=False)
+    log = [json.loads(line) for line in cfg.paths()[2].read_text().splitlines()]
+    assert result.steps == 6 and {r["data"] for r in log} == {"text", "chat"}
     assert all(r["loss"] > 0 for r in log)
 
 
