@@ -221,9 +221,11 @@ class BatchSource:
         if passkey_start_step and (text is None or (passkey is None and recall is None)):
             raise ValueError("passkey_start_step: a curriculum needs both text (--data) and --passkey or recall")
         self.batch_size, self.text, self.passkey, self.recall, self.chat = batch_size, text, passkey, recall, chat
-        self.passkey_fraction = 1.0 if text is None else (0.0 if passkey is None else passkey_fraction)
         self.recall_fraction = 0.0 if recall is None else recall_fraction
         self.chat_fraction = 0.0 if chat is None else chat_fraction
+        # without text, PassKey fills every batch that is not chat
+        self.passkey_fraction = (1.0 - self.chat_fraction if text is None
+                                 else 0.0 if passkey is None else passkey_fraction)
         if self.passkey_fraction + self.recall_fraction + self.chat_fraction > 1.0:
             raise ValueError(f"passkey_fraction + recall_fraction + chat_fraction: must be <= 1, got "
                              f"{self.passkey_fraction + self.recall_fraction + self.chat_fraction}")

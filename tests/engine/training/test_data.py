@@ -187,3 +187,9 @@ def test_batches_draw_chat_at_its_fraction(passkey: TextPassKey, text: TextWindo
         kinds.append(mixed.last_kind)
         assert tokens.shape == (1, seq_len)
     assert 40 <= kinds.count("passkey") <= 80 and 60 <= kinds.count("chat") <= 100
+    no_text = BatchSource(1, None, keys, passkey_fraction=0.5, seed=5, chat=chat, chat_fraction=0.4)
+    kinds = []
+    for step in range(100):
+        no_text.next_batch(step)
+        kinds.append(no_text.last_kind)
+    assert set(kinds) == {"passkey", "chat"} and 20 <= kinds.count("chat") <= 60
