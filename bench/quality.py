@@ -148,9 +148,7 @@ def passkey_rows(label: str, lm: LoadedModel, args: argparse.Namespace, full_con
             for n in args.passkey_lengths if n not in lengths]
     for r in evaluate.passkey(lm.model, lm.tokenizer, lengths, args.passkey_trials, args.seed, args.passkey_depth,
                               None, args.passkey_batch, args.chunk_tokens):
-        rows.append({"label": label, "mode": r.mode, "num_tokens": r.num_tokens, "trials": r.trials,
-                     "correct": r.correct, "accuracy": r.accuracy, "digit_accuracy": r.digit_accuracy,
-                     "digits_written": r.digits_written, "from_key": r.from_key, "outputs": r.outputs})
+        rows.append({"label": label, **r.as_dict()})
         print(f"  {label:>12} passkey @ {r.num_tokens:>7}: {r.correct}/{r.trials} "
               f"({r.digit_accuracy:.0%} of key digits in place, {r.from_key:.0%} of written digits from the key)",
               flush=True)

@@ -230,10 +230,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
         for r in passkey(loaded.model, loaded.tokenizer, args.lengths, args.trials, args.seed, args.depth,
                          filler, args.batch_size, args.chunk_tokens, args.beyond_window):
             yield ([r.mode, str(r.num_tokens), f"{r.correct}/{r.trials}", f"{r.accuracy:.0%}",
-                    f"{r.digit_accuracy:.0%}", f"{r.from_key:.0%}" if r.digits_written else "-"],
-                   {"mode": r.mode, "num_tokens": r.num_tokens, "trials": r.trials, "correct": r.correct,
-                    "accuracy": r.accuracy, "digit_accuracy": r.digit_accuracy, "digits_written": r.digits_written,
-                    "from_key": r.from_key, "outputs": r.outputs})
+                    f"{r.digit_accuracy:.0%}", f"{r.from_key:.0%}" if r.digits_written else "-"], r.as_dict())
 
     return _run_eval(args, "PassKey retrieval", ["mode", "tokens", "correct", "accuracy", "digits", "from key"],
                      {"task": "passkey", "depth": args.depth, "beyond_window": args.beyond_window}, per_mode)

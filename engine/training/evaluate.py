@@ -106,6 +106,12 @@ class PassKeyResult:
         even when their order is lost. Chance for 5 random digits: about 41% (1 - 0.9^5)."""
         return self.digits_from_key / self.digits_written if self.digits_written else 0.0
 
+    def as_dict(self) -> dict:
+        """The result as `eval passkey` and bench/quality.py write it to JSON."""
+        return {"mode": self.mode, "num_tokens": self.num_tokens, "trials": self.trials, "correct": self.correct,
+                "accuracy": self.accuracy, "digit_accuracy": self.digit_accuracy,
+                "digits_written": self.digits_written, "from_key": self.from_key, "outputs": self.outputs}
+
 
 def first_number(text: str) -> str | None:
     found = re.search(r"\d+", text)
