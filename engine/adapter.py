@@ -1,5 +1,6 @@
 """FamAdapter: the only weights FAM adds to a checkpoint — a FAM prompt P (F x C) and optional LoRA deltas — in one
-safetensors file whose metadata names the base model; LoRA is merged into the weights at load time."""
+safetensors file whose metadata names the base model. LoRA on every row is merged into the weights at load time;
+LoRA on the FAM rows only (fam_lora.py) is installed beside them, unmerged."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .fam_lora import FamLoRA
 
 FORMAT = "famserve-fam-adapter/1"
 
@@ -27,7 +29,9 @@ class FamAdapter:
     sink_tokens: int  # S it was trained with
     # module name -> (A (r, in), B (out, r))
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    lora_scale: float = 1.0  # alpha / rank
+    lora_scale: float = 1.0  # alpha / rank (of both kinds)
+    # the same, for the deltas that only the FAM rows use (FamLoRA)
+    fam_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     source: str | None = None  # the file it was loaded from, for error messages
 
     @property
@@ -36,9 +40,10 @@ class FamAdapter:
 
     def save(self, path: str | Path) -> None:
         tensors = {"fam_prompt": self.fam_prompt.contiguous().float().cpu()}
-        for name, (a, b) in self.lora.items():
-            tensors[f"lora.{name}.A"] = a.contiguous().float().cpu()
-            tensors[f"lora.{name}.B"] = b.contiguous().float().cpu()
+        for prefix, pairs in (("lora", self.lora), ("fam_lora", self.fam_lora)):
+            for name, (a, b) in pairs.items():
+                tensors[f"{prefix}.{name}.A"] = a.contiguous().float().cpu()
+                tensors[f"{prefix}.{name}.B"] = b.contiguous().float().cpu()
         meta = {"format": FORMAT, "base_fingerprint": self.base_fingerprint, "base_model_id": self.base_model_id,
                 "fam": json.dumps({"block_size": self.block_size, "memory_blocks": self.memory_blocks,
                                    "sink_tokens": self.sink_tokens}),
@@ -60,14 +65,15 @@ class FamAdapter:
         if meta.get("format") != FORMAT or "fam_prompt" not in tensors:
             raise CheckpointError(f"{path}: not a famserve FAM adapter (format {meta.get('format')!r})")
         fam = json.loads(meta["fam"])
-        lora = {}
+        lora, fam_lora = {}, {}
         for key in tensors:
-            if key.startswith("lora.") and key.endswith(".A"):
-                name = key[len("lora."):-len(".A")]
-                lora[name] = (tensors[key], tensors[f"lora.{name}.B"])
+            for prefix, pairs in (("lora.", lora), ("fam_lora.", fam_lora)):
+                if key.startswith(prefix) and key.endswith(".A"):
+                    name = key[len(prefix):-len(".A")]
+                    pairs[name] = (tensors[key], tensors[f"{prefix}{name}.B"])
         return cls(tensors["fam_prompt"], meta["base_fingerprint"], meta.get("base_model_id", "?"),
                    int(fam["block_size"]), int(fam["memory_blocks"]), int(fam["sink_tokens"]), lora,
-                   float(meta.get("lora_scale", 1.0)), source=str(path))
+                   float(meta.get("lora_scale", 1.0)), fam_lora, source=str(path))
 
     def check_compatible(self, model: ModelConfig) -> None:
         where = f" (adapter file {self.source})" if self.source else ""
@@ -80,7 +86,7 @@ class FamAdapter:
                                   f"{model.hidden_size}{where}")
 
     def merge_into(self, model: torch.nn.Module) -> None:
-        """Add each LoRA delta B @ A * scale to its linear weight and install the FAM prompt."""
+        """Add each LoRA delta B @ A * scale to its linear weight, install the FAM-row LoRA and the FAM prompt."""
         modules = dict(model.named_modules())
         with torch.no_grad():
             for name, (a, b) in self.lora.items():
@@ -88,4 +94,10 @@ class FamAdapter:
                 if not isinstance(linear, torch.nn.Linear):
                     raise CheckpointError(f"FAM adapter targets {name!r}, which is not a linear layer of this model")
                 linear.weight += (b.float() @ a.float() * self.lora_scale).to(linear.weight.dtype)
+        if self.fam_lora:
+            try:
+                fam_lora = FamLoRA.from_pairs(model, self.fam_lora, self.lora_scale, self.source or "FAM adapter")
+            except (ValueError, KeyError, AttributeError) as e:
+                raise CheckpointError(f"FAM adapter's FAM-row LoRA does not fit this model: {e}") from e
+            model.set_fam_lora(fam_lora)
         model.set_fam_prompt(self.fam_prompt)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import FamConfig, ModelConfig
 from .errors import ContextLengthError
+from .fam_lora import FamLoRA, LayerDelta
 from .rope import Rotary, rotate
 from .state import EMPTY, FamState, StateLayout, allocate
 
@@ -45,13 +46,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x (T, C) normed -> q (T, H, D) and k (T, Hkv, D) rotated, v (T, Hkv, D), and the unrotated k."""
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, delta: LayerDelta | None = None):
+        """x (T, C) normed -> q (T, H, D) and k (T, Hkv, D) rotated, v (T, Hkv, D), and the unrotated k.
+        `delta`: the layer's FAM-row LoRA, given only for FAM rows (fam_lora.py)."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, H, D)
-        k_raw = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        q = _project(self.q_proj, "q_proj", x, delta).view(t, self.num_heads, self.head_dim)  # (T, H, D)
+        k_raw = _project(self.k_proj, "k_proj", x, delta).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = _project(self.v_proj, "v_proj", x, delta).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         return rotate(q, cos, sin), rotate(k_raw, cos, sin), v, k_raw
+
+
+def _project(linear: nn.Linear, name: str, x: torch.Tensor, delta: LayerDelta | None) -> torch.Tensor:
+    return linear(x) if delta is None else delta.project(name, linear, x)
 
 
 class MLP(nn.Module):
@@ -61,8 +67,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, delta: LayerDelta | None = None) -> torch.Tensor:
+        if delta is None:
+            return self.down_proj(fn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = fn.silu(delta.project("gate_proj", self.gate_proj, x)) * delta.project("up_proj", self.up_proj, x)
+        return delta.project("down_proj", self.down_proj, hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -73,10 +82,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def finish(self, residual: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def finish(self, residual: torch.Tensor, attn: torch.Tensor, delta: LayerDelta | None = None) -> torch.Tensor:
         """attn (T, H*D) attention output -> the layer's output rows, given the attention residual."""
-        h = residual + self.self_attn.o_proj(attn)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = residual + _project(self.self_attn.o_proj, "o_proj", attn, delta)
+        return h + self.mlp(self.post_attention_layernorm(h), delta)
 
 
 class Backbone(nn.Module):
@@ -117,6 +126,7 @@ class FamModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         self._blank: FamState | None = None  # a fresh stream's state (holds FAM_0), built once
+        self.fam_lora: FamLoRA | None = None  # deltas for the FAM rows only (an adapter's), see set_fam_lora
 
     # --- weights ------------------------------------------------------------------------------------------------
 
@@ -156,16 +166,26 @@ class FamModel(nn.Module):
         f = prompt.shape[0]
         cos, sin = self.rotary.cos_sin(torch.arange(-f, 0), prompt.dtype)
         x, per_layer = prompt, []
-        for layer in self.model.layers:
+        for l, layer in enumerate(self.model.layers):
             per_layer.append(x)
-            q, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-            x = layer.finish(x, attend(q, k.transpose(0, 1), v.transpose(0, 1), None))
+            delta = self.fam_delta(l)
+            q, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin, delta)
+            x = layer.finish(x, attend(q, k.transpose(0, 1), v.transpose(0, 1), None), delta)
         return torch.stack(per_layer)  # (N, F, C)
 
     def set_fam_prompt(self, prompt: torch.Tensor | None) -> None:
         """Use a trained FAM prompt (F, C), or the default when None; fresh states start from its FAM_0."""
         self._fam_prompt = prompt
         self._blank = None
+
+    def set_fam_lora(self, fam_lora: FamLoRA | None) -> None:
+        """Use these FAM-row deltas (on the model's device and dtype) from the next fresh state on."""
+        self.fam_lora = None if fam_lora is None else fam_lora.to(device=self.device, dtype=self.dtype)
+        self._blank = None
+
+    def fam_delta(self, layer: int) -> LayerDelta | None:
+        """The FAM-row LoRA of one layer, or None (the FAM rows then use the base weights)."""
+        return None if self.fam_lora is None else self.fam_lora.layers[layer]
 
     # --- states --------------------------------------------------------------------------------------------------
 
@@ -200,7 +220,7 @@ class FamModel(nn.Module):
         pos = torch.arange(b - lay.num_fam, b, device=self.device)
         cos, sin = self.rotary.cos_sin(pos, self.dtype)
         for l, layer in enumerate(self.model.layers):
-            _, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(state.fam[l]), cos, sin)
+            _, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(state.fam[l]), cos, sin, self.fam_delta(l))
             state.k[l, :, lay.num_sinks:lay.ring_start] = k.transpose(0, 1)
             state.v[l, :, lay.num_sinks:lay.ring_start] = v.transpose(0, 1)
         state.key_pos[lay.num_sinks:lay.ring_start] = pos
@@ -292,8 +312,8 @@ class FamModel(nn.Module):
         slot = lay.block_slot(block_index)
         first_update = state.num_fam_updates == 0
         for l, layer in enumerate(self.model.layers):
-            fam = state.fam[l]  # (F, C)
-            q, _, _, _ = layer.self_attn.qkv(layer.input_layernorm(fam), cos, sin)
+            fam, delta = state.fam[l], self.fam_delta(l)  # (F, C)
+            q, _, _, _ = layer.self_attn.qkv(layer.input_layernorm(fam), cos, sin, delta)
             # FAM queries see FAM_prev (already projected in the fam slots) and the whole block, nothing else.
             k = torch.cat([state.k[l, :, lay.num_sinks:lay.ring_start], state.k[l, :, slot:slot + lay.block_size]],
                           dim=1)  # (Hkv, F + L, D)
@@ -301,5 +321,5 @@ class FamModel(nn.Module):
                           dim=1)
             # The first update's residual is zeros: FAM_0 carries no context (paper B.1).
             residual = torch.zeros_like(fam) if first_update else fam
-            state.fam[l] = layer.finish(residual, attend(q, k, v, None))
+            state.fam[l] = layer.finish(residual, attend(q, k, v, None), delta)
         state.num_fam_updates += 1

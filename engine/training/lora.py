@@ -26,6 +26,7 @@ from torch import nn
 
 from famserve.engine.adapter import FamAdapter
 from famserve.engine.config import FamConfig
+from famserve.engine.fam_lora import FamLoRA
 from famserve.engine.model import FamModel
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -126,6 +127,16 @@ def apply_lora(model: FamModel, targets: Iterable[str] = ALL_TARGETS, rank: int 
     return sorted(wrapped)
 
 
+def apply_fam_lora(model: FamModel, targets: Iterable[str] = ALL_TARGETS, rank: int = 8, alpha: float = 16.0,
+                   seed: int = 0) -> None:
+    """`--lora-scope fam`: trainable LoRA that only the FAM rows use (engine/fam_lora.py); freeze everything else.
+    The token rows keep the base weights, so the model differs from BSWA only through the FAM keys tokens see."""
+    model.requires_grad_(False)
+    fam_lora = FamLoRA(model, tuple(targets), rank, alpha / rank)
+    fam_lora.init_a(torch.Generator().manual_seed(seed))
+    model.set_fam_lora(fam_lora)
+
+
 @contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[None]:
     """Within the block the wrapped modules compute their frozen base weights only: the model as it was before
@@ -149,13 +160,16 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def load_adapter_weights(model: FamModel, fam_prompt: nn.Parameter, adapter: FamAdapter) -> None:
-    """Set every wrapped module's (A, B) and the FAM prompt P to an exported adapter's, so that a new run starts
-    where that adapter's run ended (`famserve train --init-adapter`: new optimizer, schedule and data, the weights
-    kept). The adapter must be for this model, with LoRA on the same modules at the same rank and alpha/rank, and
-    the same F; its L, M, S may differ from the new run's."""
+    """Set every wrapped module's (A, B), the FAM-row LoRA's and the FAM prompt P to an exported adapter's, so that a
+    new run starts where that adapter's run ended (`famserve train --init-adapter`: new optimizer, schedule and
+    data, the weights kept). The adapter must be for this model, with LoRA of the same scope on the same modules at
+    the same rank and alpha/rank, and the same F; its L, M, S may differ from the new run's."""
     adapter.check_compatible(model.config)
     where = f"init_adapter: {adapter.source or 'the adapter'}"
     modules = lora_modules(model)
+    if bool(adapter.fam_lora) != (model.fam_lora is not None):
+        raise ValueError(f"{where} has {'FAM-row' if adapter.fam_lora else 'every-row'} LoRA, this run "
+                         f"{'FAM-row' if model.fam_lora is not None else 'every-row'} (--lora-scope)")
     if set(adapter.lora) != set(modules):
         raise ValueError(f"{where} has LoRA on {len(adapter.lora)} modules, this run wraps {len(modules)} "
                          f"(--lora-targets must name the same projections)")
@@ -163,12 +177,15 @@ def load_adapter_weights(model: FamModel, fam_prompt: nn.Parameter, adapter: Fam
         m = modules[name]
         if a.shape != m.lora_a.shape or b.shape != m.lora_b.shape:
             raise ValueError(f"{where} has LoRA rank {a.shape[0]} on {name}, this run rank {m.rank} (--lora-rank)")
-    scale = next(iter(modules.values())).scale if modules else adapter.lora_scale  # apply_lora gives all one scale
+    scales = {m.scale for m in modules.values()} | ({model.fam_lora.scale} if model.fam_lora is not None else set())
+    scale = scales.pop() if scales else adapter.lora_scale  # apply_lora and fam-row LoRA give all one scale
     if not math.isclose(adapter.lora_scale, scale, rel_tol=1e-6):
         raise ValueError(f"{where} has LoRA scale alpha/rank {adapter.lora_scale:g}, this run {scale:g} (--lora-alpha)")
     if adapter.fam_prompt.shape != fam_prompt.shape:
         raise ValueError(f"{where} has F={adapter.fam_length} FAM rows, this run F={fam_prompt.shape[0]} "
                          f"(--fam-length)")
+    if model.fam_lora is not None:
+        model.fam_lora.load_pairs(adapter.fam_lora, where)
     with torch.no_grad():
         for name, (a, b) in adapter.lora.items():
             modules[name].lora_a.copy_(a)
@@ -177,14 +194,17 @@ def load_adapter_weights(model: FamModel, fam_prompt: nn.Parameter, adapter: Fam
 
 
 def export_adapter(model: FamModel, fam_prompt: torch.Tensor, base_model_id: str, fam: FamConfig) -> FamAdapter:
-    """The FamAdapter the engine loads: the FAM prompt (F, C), every LoRA delta as (A, B) with scale alpha/rank,
-    the base model's fingerprint and id, and the L, M, S it was trained with."""
+    """The FamAdapter the engine loads: the FAM prompt (F, C), every LoRA delta (of either scope) as (A, B) with
+    scale alpha/rank, the base model's fingerprint and id, and the L, M, S it was trained with."""
     modules = lora_modules(model)
-    scales = {m.scale for m in modules.values()}
+    scales = {m.scale for m in modules.values()} | ({model.fam_lora.scale} if model.fam_lora is not None else set())
     if len(scales) > 1:
         raise ValueError("all LoRA modules must share one alpha/rank to export as one adapter")
     lora = {name: (m.lora_a.detach().float().cpu().clone(), m.lora_b.detach().float().cpu().clone())
             for name, m in modules.items()}
+    fam_lora = {} if model.fam_lora is None else {
+        name: (a.detach().float().cpu().clone(), b.detach().float().cpu().clone())
+        for name, (a, b) in model.fam_lora.pairs().items()}
     return FamAdapter(fam_prompt=fam_prompt.detach().float().cpu().clone(), base_fingerprint=model.config.fingerprint(),
                       base_model_id=base_model_id, block_size=fam.block_size, memory_blocks=fam.memory_blocks,
-                      sink_tokens=fam.sink_tokens, lora=lora, lora_scale=scales.pop() if scales else 1.0)
+                      sink_tokens=fam.sink_tokens, lora=lora, lora_scale=scales.pop() if scales else 1.0, fam_lora=fam_lora)

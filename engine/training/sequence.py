@@ -36,6 +36,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from famserve.engine.config import FamConfig
+from famserve.engine.fam_lora import LayerDelta
 from famserve.engine.model import DecoderLayer, FamModel
 from famserve.engine.rope import rotate
 
@@ -138,9 +139,9 @@ def _flash_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _layer_forward(layer: DecoderLayer, plan: _Plan, x: torch.Tensor, fam_in: torch.Tensor | None,
-                   fresh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   fresh: torch.Tensor | None, delta: LayerDelta | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One decoder layer over all blocks: x (B, T, C) token rows, fam_in (B, F, C) -> (x_out, FAM after the last
-    complete block, or None without FAM)."""
+    complete block, or None without FAM). `delta`: the layer's FAM-row LoRA (the FAM rows only)."""
     B, T, C = x.shape
     H, Hkv, D = plan.heads, plan.kv_heads, plan.head_dim
     q, k, v, k_raw = layer.self_attn.qkv(layer.input_layernorm(x).reshape(B * T, C), plan.cos, plan.sin)
@@ -151,14 +152,14 @@ def _layer_forward(layer: DecoderLayer, plan: _Plan, x: torch.Tensor, fam_in: to
                                               is_causal=True, enable_gqa=True).transpose(1, 2)  # (B, T, H, D)
     else:
         if plan.F:
-            fam, fam_k, fam_v = _fam_recurrence(layer, plan, k, v, fam_in, fresh)
+            fam, fam_k, fam_v = _fam_recurrence(layer, plan, k, v, fam_in, fresh, delta)
         out = _block_attention(plan, q, k, v, k_raw, fam_k, fam_v)  # (B, T, H, D)
     x_out = layer.finish(x.reshape(B * T, C), out.reshape(B * T, H * D)).view(B, T, C)
     return x_out, fam
 
 
 def _fam_recurrence(layer: DecoderLayer, plan: _Plan, k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor,
-                    fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    fresh: torch.Tensor, delta: LayerDelta | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The FAM updates of one layer, block by block. k, v (B, T, Hkv, D) token keys/values; fam (B, F, C) the start
     FAM. Returns the FAM after the last complete block and the FAM_prev keys/values of every block,
     (B, nb, Hkv, F, D) each, for the token pass."""
@@ -167,7 +168,7 @@ def _fam_recurrence(layer: DecoderLayer, plan: _Plan, k: torch.Tensor, v: torch.
     fam_k, fam_v = [], []
     for i in range(plan.num_blocks):
         qf, kf, vf, _ = layer.self_attn.qkv(layer.input_layernorm(fam).reshape(B * F, C), plan.fam_cos[i],
-                                            plan.fam_sin[i])
+                                            plan.fam_sin[i], delta)
         kf, vf = kf.view(B, F, Hkv, D), vf.view(B, F, Hkv, D)
         fam_k.append(kf)
         fam_v.append(vf)
@@ -179,7 +180,8 @@ def _fam_recurrence(layer: DecoderLayer, plan: _Plan, k: torch.Tensor, v: torch.
             residual = fam
             if i == 0:  # the very first update of a fresh row uses a zero residual (paper B.1)
                 residual = torch.where(fresh[:, None, None], torch.zeros_like(fam), fam)
-            fam = layer.finish(residual.reshape(B * F, C), out.transpose(1, 2).reshape(B * F, H * D)).view(B, F, C)
+            fam = layer.finish(residual.reshape(B * F, C), out.transpose(1, 2).reshape(B * F, H * D),
+                               delta).view(B, F, C)
     return fam, torch.stack(fam_k, dim=1).transpose(2, 3), torch.stack(fam_v, dim=1).transpose(2, 3)
 
 
@@ -249,11 +251,12 @@ def forward_sequence(model: FamModel, fam: FamConfig, token_ids: torch.Tensor | 
         fresh = torch.zeros(B, dtype=torch.bool, device=x.device) if fresh is None else fresh.to(x.device)
     fams = []
     for l, layer in enumerate(layers):
-        fam_in = start_fam[l] if plan.F else None
+        fam_in, delta = (start_fam[l], model.fam_delta(l)) if plan.F else (None, None)
         if checkpoint and torch.is_grad_enabled():
-            x, fam_out = activation_checkpoint(_layer_forward, layer, plan, x, fam_in, fresh, use_reentrant=False)
+            x, fam_out = activation_checkpoint(_layer_forward, layer, plan, x, fam_in, fresh, delta,
+                                               use_reentrant=False)
         else:
-            x, fam_out = _layer_forward(layer, plan, x, fam_in, fresh)
+            x, fam_out = _layer_forward(layer, plan, x, fam_in, fresh, delta)
         fams.append(fam_out)
     return SequenceOutput(x, torch.stack(fams) if plan.F else None, plan.num_complete if plan.F else 0)
 

@@ -22,8 +22,8 @@ from torch import nn
 from famserve.engine.adapter import FamAdapter
 from famserve.engine.config import FamConfig
 from famserve.engine.model import FamModel
-from famserve.engine.training.lora import (ALL_TARGETS, apply_lora, export_adapter, load_adapter_weights,
-                                           lora_disabled, lora_parameters)
+from famserve.engine.training.lora import (ALL_TARGETS, apply_fam_lora, apply_lora, export_adapter,
+                                           load_adapter_weights, lora_disabled)
 from famserve.engine.training.sequence import default_fam_prompt, forward_sequence, masked_loss
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ALL_TARGETS
+    lora_scope: str = "all"  # "all": LoRA on every row (merged at load); "fam": on the FAM rows only (fam_lora.py)
     fam_length: int = 64  # F
     block_size: int = 1024  # L
     memory_blocks: int = 3  # M
@@ -203,6 +204,8 @@ class TrainConfig:
             raise ValueError(f"max_seconds: must be positive, got {self.max_seconds}")
         if self.precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision: {self.precision!r} is not one of float32, bfloat16")
+        if self.lora_scope not in ("all", "fam"):
+            raise ValueError(f"lora_scope: {self.lora_scope!r} is not one of all, fam")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         if not self.data and not self.passkey:
@@ -244,8 +247,8 @@ class TrainConfig:
 
 
 # Fields a resumed run must share with the checkpoint it resumes (the rest, e.g. steps or lr, may change).
-RESUME_FIELDS = ("model", "batch_size", "lora_rank", "lora_alpha", "lora_targets", "fam_length", "block_size",
-                 "memory_blocks", "sink_tokens")
+RESUME_FIELDS = ("model", "batch_size", "lora_rank", "lora_alpha", "lora_targets", "lora_scope", "fam_length",
+                 "block_size", "memory_blocks", "sink_tokens")
 
 
 @dataclass
@@ -271,7 +274,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         raise ValueError(f"distill_weight: the teacher reads {cfg.seq_len}-token sequences with full attention, "
                          f"past the {model.config.max_position_embeddings} tokens {loaded.model_id} was trained for")
     fam = cfg.fam
-    apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    if cfg.lora_scope == "fam":
+        apply_fam_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    else:
+        apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     prompt = nn.Parameter(default_fam_prompt(model, fam.fam_length))
     if cfg.init_adapter:
         load_adapter_weights(model, prompt, FamAdapter.load(cfg.init_adapter))
@@ -285,8 +291,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     adapter_path, ckpt_path, log_path = cfg.paths()
     if cfg.resume:
         _resume(cfg, trainer, batches)
-    log.info("training %s for FAM: %s, LoRA r=%d on %d modules, %d trainable parameters", loaded.model_id,
-             fam.describe(), cfg.lora_rank, len(lora_parameters(model)) // 2,
+    log.info("training %s for FAM: %s, LoRA r=%d on %s of %s rows, %d trainable parameters", loaded.model_id,
+             fam.describe(), cfg.lora_rank, ",".join(cfg.lora_targets), "the FAM" if cfg.lora_scope == "fam" else "all",
              sum(p.numel() for p in params.values()))
 
     def save() -> None:
@@ -366,7 +372,8 @@ def _resume(cfg: TrainConfig, trainer: FamTrainer, batches) -> None:
         raise ValueError(f"resume: {path}: no such training checkpoint")
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved, current = state["config"], _config_dict(cfg)
-    changed = [name for name in RESUME_FIELDS if saved.get(name) != current[name]]
+    defaults = _config_dict(TrainConfig(passkey=True))  # what a checkpoint from before a field existed ran with
+    changed = [name for name in RESUME_FIELDS if saved.get(name, defaults[name]) != current[name]]
     if changed or state.get("fingerprint") != trainer.model.config.fingerprint():
         raise ValueError(f"resume: {path} was trained with different {', '.join(changed) or 'model weights'}: "
                          + ", ".join(f"{n}={saved.get(n)!r}" for n in changed))

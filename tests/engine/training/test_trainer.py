@@ -333,3 +333,29 @@ def test_init_adapter_of_another_shape_is_refused(tiny_llama_dir, tmp_path):
         train(config(tiny_llama_dir, tmp_path / "fam", fam_length=8, init_adapter=init), progress=False)
     with pytest.raises(ValueError, match="init_adapter: a resumed run takes its weights from its checkpoint"):
         config(tiny_llama_dir, tmp_path, init_adapter=init, resume=str(first.checkpoint_path))
+
+
+def test_fam_row_lora_scope_trains_resumes_and_is_kept_apart(tiny_llama_dir, tmp_path, monkeypatch):
+    """--lora-scope fam: the adapter holds FAM-row LoRA only (trained: B moved off zero), an interrupted run resumes
+    to the same weights, and a run or adapter of the other scope is refused by name."""
+    whole = train(config(tiny_llama_dir, tmp_path / "whole", lora_scope="fam"), progress=False)
+    adapter = FamAdapter.load(whole.adapter_path)
+    assert adapter.lora == {} and len(adapter.fam_lora) == 14
+    assert any(b.abs().max() > 1e-4 for _, b in adapter.fam_lora.values())
+
+    cfg = config(tiny_llama_dir, tmp_path / "cut", lora_scope="fam")
+    interrupt_at_step_3(cfg, monkeypatch)
+    resumed = train(TrainConfig(**{**cfg.__dict__, "resume": str(cfg.paths()[1])}), progress=False)
+    want = torch.load(whole.checkpoint_path, weights_only=True)["trainer"]["params"]
+    got = torch.load(resumed.checkpoint_path, weights_only=True)["trainer"]["params"]
+    assert set(got) == set(want) and any(name.startswith("fam_lora.") for name in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
+
+    with pytest.raises(ValueError, match="different lora_scope: lora_scope='fam'"):
+        train(TrainConfig(**{**cfg.__dict__, "lora_scope": "all", "resume": str(cfg.paths()[1]), "steps": 5}),
+              progress=False)
+    with pytest.raises(ValueError, match="has FAM-row LoRA, this run every-row \\(--lora-scope\\)"):
+        train(config(tiny_llama_dir, tmp_path / "other", init_adapter=str(whole.adapter_path)), progress=False)
+    with pytest.raises(ValueError, match="lora_scope: 'tokens' is not one of all, fam"):
+        config(tiny_llama_dir, tmp_path, lora_scope="tokens")
