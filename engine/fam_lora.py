@@ -56,6 +56,7 @@ class FamLoRA(nn.Module):
             shapes = {}
             for name in targets:
                 linear = getattr(getattr(layer, _OWNER[name]), name)
+                linear = getattr(linear, "base", linear)  # under a training LoRA wrap (LoRALinear)
                 shapes[name] = (linear.in_features, linear.out_features)
             self.layers.append(LayerDelta(shapes, rank, scale))
 

@@ -79,6 +79,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--lora-scope", choices=["all", "fam"], default="all",
                    help="all: LoRA on every row, merged into the weights at load; fam: LoRA that only the FAM rows "
                         "use, so every token is computed with the base weights (BSWA's, plus the FAM keys it sees)")
+    p.add_argument("--token-lora-targets", type=_csv, default=None, metavar="NAMES",
+                   help="with --lora-scope fam: also LoRA on these projections of every row (merged at load), e.g. "
+                        "q_proj, so tokens can learn to look up the FAM")
     p.add_argument("--rsp-prob", type=float, default=0.8, help="Random State Passing probability")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: at the end)")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a <out stem>.train.pt")
@@ -113,6 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                           lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                           lora_targets=tuple(args.lora_targets or ALL_TARGETS), lora_scope=args.lora_scope,
+                          token_lora_targets=tuple(args.token_lora_targets or ()),
                           fam_length=args.fam_length, block_size=args.block_size, memory_blocks=args.memory_blocks,
                           sink_tokens=args.sink_tokens, rsp_prob=args.rsp_prob,
                           checkpoint_every=args.checkpoint_every, resume=args.resume,

@@ -129,9 +129,13 @@ def apply_lora(model: FamModel, targets: Iterable[str] = ALL_TARGETS, rank: int 
 
 def apply_fam_lora(model: FamModel, targets: Iterable[str] = ALL_TARGETS, rank: int = 8, alpha: float = 16.0,
                    seed: int = 0) -> None:
-    """`--lora-scope fam`: trainable LoRA that only the FAM rows use (engine/fam_lora.py); freeze everything else.
-    The token rows keep the base weights, so the model differs from BSWA only through the FAM keys tokens see."""
-    model.requires_grad_(False)
+    """`--lora-scope fam`: trainable LoRA that only the FAM rows use (engine/fam_lora.py); freeze everything else
+    but the token LoRA that apply_lora may have wrapped before (`--token-lora-targets`). Without token LoRA the
+    token rows keep the base weights, so the model differs from BSWA only through the FAM keys tokens see."""
+    keep = {id(p) for p in lora_parameters(model)}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
     fam_lora = FamLoRA(model, tuple(targets), rank, alpha / rank)
     fam_lora.init_a(torch.Generator().manual_seed(seed))
     model.set_fam_lora(fam_lora)
@@ -163,14 +167,15 @@ def load_adapter_weights(model: FamModel, fam_prompt: nn.Parameter, adapter: Fam
     """Set every wrapped module's (A, B), the FAM-row LoRA's and the FAM prompt P to an exported adapter's, so that a
     new run starts where that adapter's run ended (`famserve train --init-adapter`: new optimizer, schedule and
     data, the weights kept). The adapter must be for this model, with LoRA of the same scope on the same modules at
-    the same rank and alpha/rank, and the same F; its L, M, S may differ from the new run's."""
+    the same rank and alpha/rank, and the same F; its L, M, S may differ from the new run's. One growth is allowed:
+    a FAM-row adapter without token LoRA starts a run that adds it (`--token-lora-targets`; fresh, B = 0)."""
     adapter.check_compatible(model.config)
     where = f"init_adapter: {adapter.source or 'the adapter'}"
     modules = lora_modules(model)
     if bool(adapter.fam_lora) != (model.fam_lora is not None):
         raise ValueError(f"{where} has {'FAM-row' if adapter.fam_lora else 'every-row'} LoRA, this run "
                          f"{'FAM-row' if model.fam_lora is not None else 'every-row'} (--lora-scope)")
-    if set(adapter.lora) != set(modules):
+    if set(adapter.lora) != set(modules) and not (adapter.fam_lora and not adapter.lora):
         raise ValueError(f"{where} has LoRA on {len(adapter.lora)} modules, this run wraps {len(modules)} "
                          f"(--lora-targets must name the same projections)")
     for name, (a, b) in adapter.lora.items():

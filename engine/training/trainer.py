@@ -176,6 +176,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ALL_TARGETS
     lora_scope: str = "all"  # "all": LoRA on every row (merged at load); "fam": on the FAM rows only (fam_lora.py)
+    token_lora_targets: tuple[str, ...] = ()  # with lora_scope "fam": also LoRA on these projections for every row
     fam_length: int = 64  # F
     block_size: int = 1024  # L
     memory_blocks: int = 3  # M
@@ -206,6 +207,9 @@ class TrainConfig:
             raise ValueError(f"precision: {self.precision!r} is not one of float32, bfloat16")
         if self.lora_scope not in ("all", "fam"):
             raise ValueError(f"lora_scope: {self.lora_scope!r} is not one of all, fam")
+        if self.token_lora_targets and self.lora_scope != "fam":
+            raise ValueError("token_lora_targets: adds every-row LoRA to --lora-scope fam; with --lora-scope all "
+                             "every row already has LoRA on --lora-targets")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         if not self.data and not self.passkey:
@@ -247,8 +251,8 @@ class TrainConfig:
 
 
 # Fields a resumed run must share with the checkpoint it resumes (the rest, e.g. steps or lr, may change).
-RESUME_FIELDS = ("model", "batch_size", "lora_rank", "lora_alpha", "lora_targets", "lora_scope", "fam_length",
-                 "block_size", "memory_blocks", "sink_tokens")
+RESUME_FIELDS = ("model", "batch_size", "lora_rank", "lora_alpha", "lora_targets", "lora_scope", "token_lora_targets",
+                 "fam_length", "block_size", "memory_blocks", "sink_tokens")
 
 
 @dataclass
@@ -274,10 +278,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         raise ValueError(f"distill_weight: the teacher reads {cfg.seq_len}-token sequences with full attention, "
                          f"past the {model.config.max_position_embeddings} tokens {loaded.model_id} was trained for")
     fam = cfg.fam
+    token_targets = cfg.lora_targets if cfg.lora_scope == "all" else cfg.token_lora_targets
+    model.requires_grad_(False)
+    if token_targets:
+        apply_lora(model, token_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     if cfg.lora_scope == "fam":
-        apply_fam_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
-    else:
-        apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+        apply_fam_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed + 1)
     prompt = nn.Parameter(default_fam_prompt(model, fam.fam_length))
     if cfg.init_adapter:
         load_adapter_weights(model, prompt, FamAdapter.load(cfg.init_adapter))
@@ -291,8 +297,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     adapter_path, ckpt_path, log_path = cfg.paths()
     if cfg.resume:
         _resume(cfg, trainer, batches)
-    log.info("training %s for FAM: %s, LoRA r=%d on %s of %s rows, %d trainable parameters", loaded.model_id,
+    log.info("training %s for FAM: %s, LoRA r=%d on %s of %s rows%s, %d trainable parameters", loaded.model_id,
              fam.describe(), cfg.lora_rank, ",".join(cfg.lora_targets), "the FAM" if cfg.lora_scope == "fam" else "all",
+             f" and {','.join(cfg.token_lora_targets)} of all rows" if cfg.token_lora_targets else "",
              sum(p.numel() for p in params.values()))
 
     def save() -> None:
@@ -363,6 +370,7 @@ def _batch_source(cfg: TrainConfig, tokenizer):
 def _config_dict(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d["data"], d["lora_targets"] = list(cfg.data), list(cfg.lora_targets)
+    d["token_lora_targets"] = list(cfg.token_lora_targets)
     return d
 
 

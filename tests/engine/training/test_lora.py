@@ -71,9 +71,11 @@ def test_adapter_for_another_base_model_is_refused(tiny_llama_dir, tmp_path):
         load_model(other, FAM, adapter_path=path)
 
 
-def test_saved_fam_row_adapter_installs_unmerged(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("token_targets", [(), ("q_proj",)], ids=["fam-rows", "fam-rows+token-q"])
+def test_saved_fam_row_adapter_installs_unmerged(tiny_llama_dir, tmp_path, token_targets):
     """An adapter trained with --lora-scope fam saves its deltas apart, and loading it gives the engine the trained
-    model's FAM-mode logits while its BSWA stays the base model's (the token weights are not touched)."""
+    model's FAM-mode logits while its BSWA stays the base model's (the token weights are not touched); with token
+    LoRA too (--token-lora-targets) that part is merged and the engine still computes the trained model."""
     from famserve.engine.training.lora import apply_fam_lora
 
     loaded = load_model(tiny_llama_dir, FAM, mode="bswa")
@@ -81,23 +83,29 @@ def test_saved_fam_row_adapter_installs_unmerged(tiny_llama_dir, tmp_path):
     bswa = FamConfig(mode="bswa", block_size=8, memory_blocks=1, sink_tokens=2)
     tokens = torch.randint(0, 320, (1, 37), generator=torch.Generator().manual_seed(3))
     base_bswa = sequence_logits(model, bswa, tokens)[0]
+    if token_targets:
+        apply_lora(model, token_targets, rank=4, alpha=8)
     apply_fam_lora(model, ["q_proj", "k_proj", "v_proj", "up_proj"], rank=4, alpha=8, seed=2)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for layer in model.fam_lora.layers:
             for b in layer.b.values():
                 b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+        for m in lora_modules(model).values():
+            m.lora_b.copy_(torch.randn(m.lora_b.shape, generator=g) * 0.05)
+    assert all(p.requires_grad == ("lora_" in n or n.startswith("fam_lora.")) for n, p in model.named_parameters())
     prompt = torch.randn(4, 64, generator=g)
     want = sequence_logits(model, FAM, tokens, fam_prompt=prompt)[0]
 
     path = tmp_path / "fam-rows.safetensors"
     export_adapter(model, prompt, loaded.model_id, FAM).save(path)
     adapter = FamAdapter.load(path)
-    assert adapter.lora == {} and len(adapter.fam_lora) == 8 and adapter.lora_scale == 2.0
+    assert len(adapter.lora) == 2 * len(token_targets) and len(adapter.fam_lora) == 8 and adapter.lora_scale == 2.0
 
     served = load_model(tiny_llama_dir, FAM, adapter_path=path).model
     got = ModelRunner(served).run([served.new_state()], [tokens[0]], all_logits=True)[0]
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    as_bswa = load_model(tiny_llama_dir, FAM, mode="bswa", adapter_path=path).model
-    got_bswa = ModelRunner(as_bswa).run([as_bswa.new_state()], [tokens[0]], all_logits=True)[0]
-    torch.testing.assert_close(got_bswa, base_bswa, atol=ATOL, rtol=0)
+    if not token_targets:
+        as_bswa = load_model(tiny_llama_dir, FAM, mode="bswa", adapter_path=path).model
+        got_bswa = ModelRunner(as_bswa).run([as_bswa.new_state()], [tokens[0]], all_logits=True)[0]
+        torch.testing.assert_close(got_bswa, base_bswa, atol=ATOL, rtol=0)

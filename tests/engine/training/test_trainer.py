@@ -359,3 +359,20 @@ def test_fam_row_lora_scope_trains_resumes_and_is_kept_apart(tiny_llama_dir, tmp
         train(config(tiny_llama_dir, tmp_path / "other", init_adapter=str(whole.adapter_path)), progress=False)
     with pytest.raises(ValueError, match="lora_scope: 'tokens' is not one of all, fam"):
         config(tiny_llama_dir, tmp_path, lora_scope="tokens")
+
+
+def test_token_lora_targets_grow_a_fam_row_adapter(tiny_llama_dir, tmp_path):
+    """--token-lora-targets q_proj with --lora-scope fam: a run from a FAM-row adapter (--init-adapter) keeps its
+    FAM-row LoRA and prompt and adds every-row LoRA on q_proj, which the engine merges at load."""
+    first = train(config(tiny_llama_dir, tmp_path / "first", lora_scope="fam", steps=2), progress=False)
+    cfg = config(tiny_llama_dir, tmp_path / "second", lora_scope="fam", token_lora_targets=("q_proj",), steps=2,
+                 init_adapter=str(first.adapter_path))
+    second = FamAdapter.load(train(cfg, progress=False).adapter_path)
+    assert sorted(second.lora) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert any(b.abs().max() > 1e-5 for _, b in second.lora.values())
+    assert set(second.fam_lora) == set(FamAdapter.load(first.adapter_path).fam_lora)
+    loaded = load_model(tiny_llama_dir, FamConfig(block_size=16, memory_blocks=1, sink_tokens=2),
+                        adapter_path=tmp_path / "second" / "adapter.safetensors")
+    assert loaded.model.fam_lora is not None
+    with pytest.raises(ValueError, match="token_lora_targets: adds every-row LoRA to --lora-scope fam"):
+        config(tiny_llama_dir, tmp_path, token_lora_targets=("q_proj",))
