@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     fam_length: int = Field(64, ge=0, description="F: feedback-memory rows per layer (fam mode)")
     sink_tokens: int = Field(4, ge=0, description="S: attention-sink tokens kept visible (fam and bswa modes)")
     full_context_tokens: int = Field(8192, gt=0, description="context preallocated per request in full mode, in tokens")
-    fam_adapter: Path | None = Field(None, description="trained FAM adapter (safetensors) to merge into the model")
+    fam_adapter: Path | None = Field(None, description="trained FAM adapter (safetensors) to load: its FAM prompt, "
+                                                       "and LoRA merged into the weights or kept for the FAM rows")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and state dtype")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
