@@ -26,10 +26,9 @@ from torch import nn
 
 from famserve.engine.adapter import FamAdapter
 from famserve.engine.config import FamConfig
+from famserve.engine.fam_lora import TARGETS as ALL_TARGETS
 from famserve.engine.fam_lora import FamLoRA
 from famserve.engine.model import FamModel
-
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class LoRALinear(nn.Module):
