@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -66,7 +67,9 @@ def test_bad_settings_exit_with_status_2(args: list[str], env: dict[str, str], m
 
 
 def test_famserve_serve_help_lists_every_setting() -> None:
-    result = subprocess.run(["famserve", "serve", "--help"], capture_output=True, text=True, timeout=60)
+    # The console script installed beside this interpreter (the venv's), not whatever `famserve` PATH finds first.
+    script = Path(sys.executable).with_name("famserve")
+    result = subprocess.run([str(script), "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     from famserve.server.settings import Settings
 
