@@ -89,6 +89,9 @@ def test_chat_streams_the_reply(page) -> None:
     from playwright.sync_api import expect
 
     page.get_by_label("Max tokens").fill("24")
+    # Greedy, so the reply is the same every run: sampled, it could end on the end-of-turn token after a few
+    # tokens and leave too few deltas to count (a fresh-clone CI run saw 5).
+    page.get_by_label("Temperature").fill("0")
     # Count how often the reply's text changes while it streams.
     page.locator("#transcript").evaluate("""transcript => {
         window.textUpdates = 0;
@@ -97,9 +100,9 @@ def test_chat_streams_the_reply(page) -> None:
     }""")
     send(page, "Hello there")
     reply = page.locator(".message.assistant").last
-    # sampled (the page's default temperature), so the reply may end early on the end-of-turn token
-    info = re.compile(r"finish: (length|stop) · 19 prompt \+ \d+ generated tokens")
+    info = re.compile(r"finish: (length|stop) · 19 prompt \+ (\d+) generated tokens")
     expect(reply.locator(".info")).to_have_text(info)
+    assert int(info.search(reply.locator(".info").inner_text()).group(2)) > 5
     assert reply.locator(".text").inner_text() != ""
     assert page.evaluate("window.textUpdates") > 5  # many deltas, not one final answer
     expect(page.locator("#mode")).to_have_text("bswa (L=8 M=1 S=4)")
