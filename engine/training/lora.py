@@ -211,4 +211,5 @@ def export_adapter(model: FamModel, fam_prompt: torch.Tensor, base_model_id: str
         for name, (a, b) in model.fam_lora.pairs().items()}
     return FamAdapter(fam_prompt=fam_prompt.detach().float().cpu().clone(), base_fingerprint=model.config.fingerprint(),
                       base_model_id=base_model_id, block_size=fam.block_size, memory_blocks=fam.memory_blocks,
-                      sink_tokens=fam.sink_tokens, lora=lora, lora_scale=scales.pop() if scales else 1.0, fam_lora=fam_lora)
+                      sink_tokens=fam.sink_tokens, lora=lora, lora_scale=scales.pop() if scales else 1.0,
+                      fam_lora=fam_lora)
