@@ -68,10 +68,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, delta: LayerDelta | None = None) -> torch.Tensor:
-        if delta is None:
-            return self.down_proj(fn.silu(self.gate_proj(x)) * self.up_proj(x))
-        hidden = fn.silu(delta.project("gate_proj", self.gate_proj, x)) * delta.project("up_proj", self.up_proj, x)
-        return delta.project("down_proj", self.down_proj, hidden)
+        hidden = fn.silu(_project(self.gate_proj, "gate_proj", x, delta)) * _project(self.up_proj, "up_proj", x, delta)
+        return _project(self.down_proj, "down_proj", hidden, delta)
 
 
 class DecoderLayer(nn.Module):

@@ -181,7 +181,7 @@ def load_adapter_weights(model: FamModel, fam_prompt: nn.Parameter, adapter: Fam
         m = modules[name]
         if a.shape != m.lora_a.shape or b.shape != m.lora_b.shape:
             raise ValueError(f"{where} has LoRA rank {a.shape[0]} on {name}, this run rank {m.rank} (--lora-rank)")
-    scales = {m.scale for m in modules.values()} | ({model.fam_lora.scale} if model.fam_lora is not None else set())
+    scales = _lora_scales(model)
     scale = scales.pop() if scales else adapter.lora_scale  # apply_lora and fam-row LoRA give all one scale
     if not math.isclose(adapter.lora_scale, scale, rel_tol=1e-6):
         raise ValueError(f"{where} has LoRA scale alpha/rank {adapter.lora_scale:g}, this run {scale:g} (--lora-alpha)")
@@ -201,15 +201,24 @@ def export_adapter(model: FamModel, fam_prompt: torch.Tensor, base_model_id: str
     """The FamAdapter the engine loads: the FAM prompt (F, C), every LoRA delta (of either scope) as (A, B) with
     scale alpha/rank, the base model's fingerprint and id, and the L, M, S it was trained with."""
     modules = lora_modules(model)
-    scales = {m.scale for m in modules.values()} | ({model.fam_lora.scale} if model.fam_lora is not None else set())
+    scales = _lora_scales(model)
     if len(scales) > 1:
         raise ValueError("all LoRA modules must share one alpha/rank to export as one adapter")
-    lora = {name: (m.lora_a.detach().float().cpu().clone(), m.lora_b.detach().float().cpu().clone())
-            for name, m in modules.items()}
-    fam_lora = {} if model.fam_lora is None else {
-        name: (a.detach().float().cpu().clone(), b.detach().float().cpu().clone())
-        for name, (a, b) in model.fam_lora.pairs().items()}
-    return FamAdapter(fam_prompt=fam_prompt.detach().float().cpu().clone(), base_fingerprint=model.config.fingerprint(),
+    lora = {name: (_saved(m.lora_a), _saved(m.lora_b)) for name, m in modules.items()}
+    fam_pairs = {} if model.fam_lora is None else model.fam_lora.pairs()
+    fam_lora = {name: (_saved(a), _saved(b)) for name, (a, b) in fam_pairs.items()}
+    return FamAdapter(fam_prompt=_saved(fam_prompt), base_fingerprint=model.config.fingerprint(),
                       base_model_id=base_model_id, block_size=fam.block_size, memory_blocks=fam.memory_blocks,
                       sink_tokens=fam.sink_tokens, lora=lora, lora_scale=scales.pop() if scales else 1.0,
                       fam_lora=fam_lora)
+
+
+def _lora_scales(model: FamModel) -> set[float]:
+    """The alpha/rank of every LoRA in the model, every-row and FAM-row (one value when the trainer made them)."""
+    scales = {m.scale for m in lora_modules(model).values()}
+    return scales if model.fam_lora is None else scales | {model.fam_lora.scale}
+
+
+def _saved(t: torch.Tensor) -> torch.Tensor:
+    """A trained tensor as an adapter file keeps it: float32 on the CPU, detached from training."""
+    return t.detach().float().cpu().clone()

@@ -279,8 +279,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                          f"past the {model.config.max_position_embeddings} tokens {loaded.model_id} was trained for")
     fam = cfg.fam
     token_targets = cfg.lora_targets if cfg.lora_scope == "all" else cfg.token_lora_targets
-    model.requires_grad_(False)
-    if token_targets:
+    if token_targets:  # apply_lora and apply_fam_lora freeze the base weights
         apply_lora(model, token_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     if cfg.lora_scope == "fam":
         apply_fam_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed + 1)
