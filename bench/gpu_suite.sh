@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# docs/benchmarks.md section 6 in one go on a CUDA machine: the GPU tests, the engine's throughput on a random
+# 1B-shape model, speed and memory to 1M tokens (famserve BSWA and FAM against HF), and quality at full scale.
+#
+#   bench/gpu_suite.sh MODEL.gguf OUT_DIR [TEXTS_DIR] [STAGE ...]      stages: tests throughput speed quality
+#
+# Runs from a checkout without installing famserve (only torch, transformers, safetensors, tokenizers, gguf and
+# jinja2 are needed). Each stage has its own time limit (seconds, from the environment) so that one slow stage
+# cannot eat the others' time; every stage writes its JSON as it goes, so a stage cut short keeps what it measured.
+set -uo pipefail
+model=${1:?usage: bench/gpu_suite.sh MODEL OUT_DIR [TEXTS_DIR] [STAGE ...]}
+out=${2:?usage: bench/gpu_suite.sh MODEL OUT_DIR [TEXTS_DIR] [STAGE ...]}
+texts=${3:-data/texts}
+shift $(( $# < 3 ? $# : 3 ))
+stages=${*:-tests throughput speed quality}
+py=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+if ! "$py" -c "import famserve.engine" 2>/dev/null; then
+    # The folders engine/, server/, clients/ are the packages famserve.engine, ... (pyproject's package-dir).
+    ns=$(mktemp -d)/ns
+    mkdir -p "$ns/famserve"
+    for pkg in engine server clients; do ln -s "$PWD/$pkg" "$ns/famserve/$pkg"; done
+    export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+stage() {  # name, limit in seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit} s) $(date -u +%T)"
+    timeout --signal=INT --kill-after=10 "$limit" "$@"
+    echo "=== $name: exit $? $(date -u +%T)"
+}
+
+for s in $stages; do
+    case $s in
+    tests)
+        stage tests "${TESTS_LIMIT:-120}" "$py" -m pytest tests/engine/test_cuda.py -m gpu -q -p no:cacheprovider \
+            2>&1 | tee "$out/gpu-tests.txt" ;;
+    throughput)
+        for mode in bswa fam; do
+            stage "throughput $mode" "${THROUGHPUT_LIMIT:-90}" "$py" bench/throughput.py --random-shape llama-1b \
+                --mode "$mode" --device cuda --dtype bfloat16 --streams 1,4,16,32 --repeats 3 \
+                --out "$out/throughput_llama1b_$mode.json"
+        done ;;
+    speed)
+        stage speed "${SPEED_LIMIT:-300}" "$py" bench/engine_speed.py --model "$model" --device cuda \
+            --dtype bfloat16 --systems hf,bswa,fam --contexts 1024,8192,32768,131072,1048576 --repeats 3 \
+            --repeat-max-context 131072 --hf-max-context 131072 --out "$out/engine_speed_gpu.json" \
+            --plot-dir "$out" --plot-prefix bench_gpu ;;
+    quality)
+        stage quality "${QUALITY_LIMIT:-300}" "$py" bench/quality.py --model "$model" --device cuda \
+            --dtype bfloat16 --modes bswa,full,bswa-nosink --texts-dir "$texts" \
+            --books "${BOOKS:-warofworlds,prideprejudice,mobydick}" \
+            --passkey-lengths 1024,4096,16384,32768,131072 --passkey-trials "${PASSKEY_TRIALS:-10}" \
+            --passkey-batch 10 --out "$out/quality_gpu.json" --plot-dir "" ;;
+    *) echo "unknown stage $s (tests throughput speed quality)"; exit 2 ;;
+    esac
+done
