@@ -230,10 +230,11 @@ class FamModel(nn.Module):
         Returns per piece the logits (T, V) of every token if all_logits, else of its last token (1, V).
         The caller completes blocks (complete_block) when a piece fills its stream's block."""
         lay = self.layout
-        positions, masks, slots = [], [], []
+        positions, masks, slots, starts = [], [], [], []
         for piece in pieces:
             st, t = piece.state, piece.token_ids.numel()
             start = st.num_tokens
+            starts.append(start)
             if t == 0 or start % lay.block_size + t > lay.block_size:
                 raise ValueError("a step piece must hold 1..(tokens left in the block) tokens")
             if self.fam_config.mode == "full" and start + t > lay.ring_blocks * lay.block_size:
@@ -254,12 +255,12 @@ class FamModel(nn.Module):
         for l, layer in enumerate(self.model.layers):
             q, k, v, k_raw = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
             outs, row = [], 0
-            for piece, t, slot, mask, pos in zip(pieces, sizes, slots, masks, positions):
+            for piece, t, slot, mask, start in zip(pieces, sizes, slots, masks, starts):
                 st = piece.state
                 st.k[l, :, slot:slot + t] = k[row:row + t].transpose(0, 1)
                 st.v[l, :, slot:slot + t] = v[row:row + t].transpose(0, 1)
-                if pos[0] < lay.num_sinks:
-                    self._keep_sinks(st, l, pos, k_raw[row:row + t], v[row:row + t])
+                if start < lay.num_sinks:  # a Python int: testing a device tensor here would sync every layer
+                    self._keep_sinks(st, l, start, k_raw[row:row + t], v[row:row + t])
                 used = mask.shape[1]
                 outs.append(attend(q[row:row + t], st.k[l, :, :used], st.v[l, :, :used], mask))
                 row += t
@@ -273,11 +274,10 @@ class FamModel(nn.Module):
             row += t
         return out
 
-    def _keep_sinks(self, st: FamState, layer: int, pos: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor):
-        """Remember the first S tokens' unrotated keys and their values; they become visible once their block
-        leaves the window (complete_block)."""
-        n = int((pos < self.layout.num_sinks).sum())
-        first = int(pos[0])
+    def _keep_sinks(self, st: FamState, layer: int, first: int, k_raw: torch.Tensor, v: torch.Tensor):
+        """Remember the first S tokens' unrotated keys and their values (the piece's tokens start at position
+        `first`); they become visible once their block leaves the window (complete_block)."""
+        n = min(self.layout.num_sinks - first, k_raw.shape[0])
         st.sink_k[layer, :, first:first + n] = k_raw[:n].transpose(0, 1)
         st.v[layer, :, first:first + n] = v[:n].transpose(0, 1)
 
