@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 MIB = 2**20
-LABELS = {"bswa": "famserve BSWA", "fam": "famserve FAM", "full": "famserve full", "hf": "HF transformers fp32",
+LABELS = {"bswa": "famserve BSWA", "fam": "famserve FAM", "full": "famserve full", "hf": "HF transformers",
           "llamacpp": "llama.cpp Q4_1"}
 
 
