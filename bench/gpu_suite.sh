@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# docs/benchmarks.md section 6 in one go on a CUDA machine: the GPU tests, the engine's throughput on a random
-# 1B-shape model, speed and memory to 1M tokens (famserve BSWA and FAM against HF), and quality at full scale.
+# docs/benchmarks.md section 6 in one go on a CUDA machine: the GPU tests, where a step's time goes, the engine's
+# throughput on a random 1B-shape model, speed and memory to 1M tokens (famserve BSWA and FAM against HF), quality
+# at full scale, and perplexity over a document of 2.9M tokens (bench/texts.py --long data/long).
 #
-#   bench/gpu_suite.sh MODEL.gguf OUT_DIR [TEXTS_DIR] [STAGE ...]      stages: tests throughput speed quality
+#   bench/gpu_suite.sh MODEL.gguf OUT_DIR [TEXTS_DIR] [STAGE ...]
+#   stages (default: all but long): tests profile throughput speed quality long
 #
 # Runs from a checkout without installing famserve (only torch, transformers, safetensors, tokenizers, gguf and
 # jinja2 are needed). Each stage has its own time limit (seconds, from the environment) so that one slow stage
@@ -12,7 +14,7 @@ model=${1:?usage: bench/gpu_suite.sh MODEL OUT_DIR [TEXTS_DIR] [STAGE ...]}
 out=${2:?usage: bench/gpu_suite.sh MODEL OUT_DIR [TEXTS_DIR] [STAGE ...]}
 texts=${3:-data/texts}
 shift $(( $# < 3 ? $# : 3 ))
-stages=${*:-tests throughput speed quality}
+stages=${*:-tests profile throughput speed quality}
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -41,6 +43,9 @@ for s in $stages; do
     tests)
         stage tests "${TESTS_LIMIT:-120}" "$py" -m pytest tests/engine/test_cuda.py -m gpu -q -p no:cacheprovider \
             2>&1 | tee "$out/gpu-tests.txt" ;;
+    profile)
+        stage profile "${PROFILE_LIMIT:-90}" "$py" bench/profile_step.py --device cuda --dtype bfloat16 \
+            --out "$out/profile_step.json" ;;
     throughput)
         for mode in bswa fam; do
             stage "throughput $mode" "${THROUGHPUT_LIMIT:-90}" "$py" bench/throughput.py --random-shape llama-1b \
@@ -58,6 +63,10 @@ for s in $stages; do
             --books "${BOOKS:-warofworlds,prideprejudice,mobydick}" \
             --passkey-lengths 1024,4096,16384,32768,131072 --passkey-trials "${PASSKEY_TRIALS:-10}" \
             --passkey-batch 10 --out "$out/quality_gpu.json" --plot-dir "" ;;
-    *) echo "unknown stage $s (tests throughput speed quality)"; exit 2 ;;
+    long)
+        stage long "${LONG_LIMIT:-400}" "$py" bench/quality.py --model "$model" --device cuda --dtype bfloat16 \
+            --modes "${LONG_MODES:-bswa,full}" --texts-dir "${LONG_TEXTS:-data/long}" \
+            --books "${LONG_BOOKS:-treasuryofdavid}" --skip-passkey --out "$out/quality_long.json" --plot-dir "" ;;
+    *) echo "unknown stage $s (tests profile throughput speed quality long)"; exit 2 ;;
     esac
 done
