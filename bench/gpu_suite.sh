@@ -4,7 +4,7 @@
 # at full scale, and perplexity over a document of 2.9M tokens (bench/texts.py --long data/long).
 #
 #   bench/gpu_suite.sh MODEL.gguf OUT_DIR [TEXTS_DIR] [STAGE ...]
-#   stages (default: all but long): tests profile throughput speed quality long
+#   stages (default: all but long): tests profile throughput speed chunk quality long
 #
 # Runs from a checkout without installing famserve (only torch, transformers, safetensors, tokenizers, gguf and
 # jinja2 are needed). Each stage has its own time limit (seconds, from the environment) so that one slow stage
@@ -14,7 +14,7 @@ model=${1:?usage: bench/gpu_suite.sh MODEL OUT_DIR [TEXTS_DIR] [STAGE ...]}
 out=${2:?usage: bench/gpu_suite.sh MODEL OUT_DIR [TEXTS_DIR] [STAGE ...]}
 texts=${3:-data/texts}
 shift $(( $# < 3 ? $# : 3 ))
-stages=${*:-tests profile throughput speed quality}
+stages=${*:-tests profile throughput speed chunk quality}
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -57,6 +57,10 @@ for s in $stages; do
             --dtype bfloat16 --systems hf,bswa,fam --contexts 1024,8192,32768,131072,1048576 --repeats 3 \
             --repeat-max-context 131072 --hf-max-context 131072 --out "$out/engine_speed_gpu.json" \
             --plot-dir "$out" --plot-prefix bench_gpu ;;
+    chunk)  # run G found every step launch-bound (a 512-token step costs what a 1-token one does): one block a step
+        stage chunk "${CHUNK_LIMIT:-120}" "$py" bench/engine_speed.py --model "$model" --device cuda \
+            --dtype bfloat16 --systems bswa,fam --contexts 8192,32768 --repeats 3 --prefill-chunk 1024 \
+            --out "$out/engine_speed_chunk1024.json" --plot-dir "" ;;
     quality)
         stage quality "${QUALITY_LIMIT:-300}" "$py" bench/quality.py --model "$model" --device cuda \
             --dtype bfloat16 --modes bswa,full,bswa-nosink --texts-dir "$texts" \
@@ -67,6 +71,6 @@ for s in $stages; do
         stage long "${LONG_LIMIT:-400}" "$py" bench/quality.py --model "$model" --device cuda --dtype bfloat16 \
             --modes "${LONG_MODES:-bswa,full}" --texts-dir "${LONG_TEXTS:-data/long}" \
             --books "${LONG_BOOKS:-treasuryofdavid}" --skip-passkey --out "$out/quality_long.json" --plot-dir "" ;;
-    *) echo "unknown stage $s (tests profile throughput speed quality long)"; exit 2 ;;
+    *) echo "unknown stage $s (tests profile throughput speed chunk quality long)"; exit 2 ;;
     esac
 done
