@@ -148,9 +148,14 @@ class ChatCompletionRequest(OpenAIBaseModel):
         return self
 
     @property
+    def callable_tools(self) -> list[ToolDefinition]:
+        """The tools this reply may call (tool_choice applied)."""
+        return called_tools(self.tools or [], self.tool_choice)
+
+    @property
     def calls_tools(self) -> bool:
         """Whether the reply is held to the tool-call format (tools given and tool_choice is not none)."""
-        return bool(called_tools(self.tools or [], self.tool_choice))
+        return bool(self.callable_tools)
 
     @property
     def _must_call(self) -> bool:
@@ -181,7 +186,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
                                                                                   self.structured_outputs))
 
     def _tool_format(self) -> OutputFormat | None:
-        tools = called_tools(self.tools or [], self.tool_choice)
+        tools = self.callable_tools
         if not tools:
             return None
         named = self._must_call and self.tool_choice != "required"  # OpenAI: the named function, called once
@@ -200,7 +205,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
                 out.append({"role": "user", "content": result_text(m.text, m.tool_call_id, names)})
             else:
                 out.append(m.for_template())
-        tools = called_tools(self.tools or [], self.tool_choice)
+        tools = self.callable_tools
         if tools:
             prompt = system_prompt(tools, self._must_call)
             if out[0]["role"] == "system":
