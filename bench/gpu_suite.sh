@@ -4,7 +4,8 @@
 # at full scale, and perplexity over a document of 2.9M tokens (bench/texts.py --long data/long).
 #
 #   bench/gpu_suite.sh MODEL.gguf OUT_DIR [TEXTS_DIR] [STAGE ...]
-#   stages (default: all but long): tests profile throughput speed chunk quality long
+#   stages (default: all but long): tests profile throughput speed chunk quality long trainstep
+#   (trainstep: what one `famserve train` step costs at the serving shape, merged against unmerged LoRA)
 #
 # Runs from a checkout without installing famserve (only torch, transformers, safetensors, tokenizers, gguf and
 # jinja2 are needed). Each stage has its own time limit (seconds, from the environment) so that one slow stage
@@ -71,6 +72,10 @@ for s in $stages; do
         stage long "${LONG_LIMIT:-400}" "$py" bench/quality.py --model "$model" --device cuda --dtype bfloat16 \
             --modes "${LONG_MODES:-bswa,full}" --texts-dir "${LONG_TEXTS:-data/long}" \
             --books "${LONG_BOOKS:-treasuryofdavid}" --skip-passkey --out "$out/quality_long.json" --plot-dir "" ;;
-    *) echo "unknown stage $s (tests profile throughput speed chunk quality long)"; exit 2 ;;
+    trainstep)
+        stage trainstep "${TRAINSTEP_LIMIT:-180}" "$py" bench/train_step.py --model "$model" --device cuda \
+            --precision bfloat16 --configs 1024,3,64,4,6144 --batch-size 4 --variants current,unmerged --rounds 3 \
+            --profile --out "$out/train_step_gpu.json" ;;
+    *) echo "unknown stage $s (tests profile throughput speed chunk quality long trainstep)"; exit 2 ;;
     esac
 done

@@ -105,7 +105,9 @@ class Variant:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.sequence.forward_sequence(self.model, fam, tokens, fam_prompt=self.prompts[fam.fam_length],
                                                  checkpoint=self.checkpoint)
-            loss = self.sequence.masked_loss(self.model, out.hidden, labels)[0].float()
+            terms = self.sequence.masked_loss(self.model, out.hidden, labels)
+            # LossTerms now; a (loss, predictions) tuple in baselines older than distillation
+            loss = (terms.loss if hasattr(terms, "loss") else terms[0]).float()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
