@@ -1,0 +1,132 @@
+"""Every benchmark script in bench/ runs end to end on the tiny model, as a user runs it (its command line, in its
+own process), and writes the JSON its docs describe. Numbers are not checked (they are what the scripts measure);
+what is checked is that each script finishes, measures what it was asked for, and keeps its invariants: one
+script, bench/train_step.py, had stopped running after a refactor and another, bench/fairness.py, could loop
+forever, and nothing noticed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WINDOW = ["--block-size", "16", "--memory-blocks", "1", "--sink-tokens", "2"]  # a few blocks of the tiny model
+
+
+def run_script(script: str, *args: str, timeout: float = 180) -> str:
+    done = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def speed_json(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("speed") / "engine_speed.json"
+    run_script("engine_speed.py", "--model", str(tiny_llama_dir), "--systems", "bswa,fam,hf", "--contexts", "64,128",
+               "--repeats", "2", "--decode-tokens", "2", *WINDOW, "--fam-length", "4", "--no-roofline",
+               "--no-isolate", "--plot-dir", "", "--threads", "1", "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def quality_json(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("quality")
+    (folder / "texts").mkdir()
+    (folder / "texts/book.txt").write_text("It was a bright cold day in April, and the clocks were striking. " * 40)
+    out = folder / "quality.json"
+    # The tiny tokenizer writes about a token per character: a PassKey prompt needs some 170 tokens.
+    run_script("quality.py", "--model", str(tiny_llama_dir), "--modes", "bswa,full", "--texts-dir",
+               str(folder / "texts"), "--books", "book", "--max-tokens", "300", "--passkey-lengths", "256",
+               "--passkey-trials", "2", *WINDOW, "--full-context", "512", "--plot-dir", "", "--threads", "1",
+               "--out", str(out))
+    return out
+
+
+def test_engine_speed_measures_every_system_and_context(speed_json):
+    payload = json.loads(speed_json.read_text())
+    assert payload["complete"]
+    rows = {(r["system"], r["context_tokens"]): r for r in payload["results"]}
+    assert set(rows) == {(s, c) for s in ("bswa", "fam", "hf") for c in (64, 128)}
+    for row in rows.values():
+        assert row["runs"] == 2 and row["prefill_tok_s"]["median"] > 0 and row["decode_tok_s"]["median"] > 0
+    for system in ("bswa", "fam"):  # constant-size state: the product's promise, in the benchmark's own numbers
+        assert rows[system, 64]["state_nbytes"] == rows[system, 128]["state_nbytes"]
+    assert rows["hf", 128]["state_nbytes"] == 2 * rows["hf", 64]["state_nbytes"]  # HF's cache grows with context
+    ratios = {(r["system"], r["context_tokens"]): r for r in payload["ratios"]}
+    assert "prefill_time_vs_bswa" in ratios["fam", 128] and "prefill_vs_hf" in ratios["bswa", 128]
+
+
+def test_quality_scores_the_book_and_passkey_for_each_mode(quality_json):
+    payload = json.loads(quality_json.read_text())
+    assert payload["complete"]
+    assert {r["label"] for r in payload["perplexity"]} == {"bswa", "full"}
+    for row in payload["perplexity"]:
+        assert row["num_tokens"] > 0 and math.isfinite(row["perplexity"]) and row["perplexity"] > 1
+    assert {(r["label"], r["num_tokens"], r["trials"]) for r in payload["passkey"]} == {("bswa", 256, 2),
+                                                                                     ("full", 256, 2)}
+
+
+def test_markdown_tables_come_from_the_json(speed_json, quality_json):
+    out = run_script("markdown.py", str(speed_json), str(quality_json))
+    assert "| famserve BSWA |" in out and "| HF transformers |" in out and "| bswa |" in out
+
+
+def test_plots_are_written(speed_json, quality_json, tmp_path):
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is a bench extra, not a test dependency")
+    run_script("plot.py", str(speed_json), str(quality_json), "--out-dir", str(tmp_path))
+    assert {p.name for p in tmp_path.glob("*.png")} == {"bench_speed.png", "bench_memory.png", "bench_passkey.png",
+                                                       "bench_perplexity.png"}
+
+
+def test_throughput_measures_each_stream_count(tiny_llama_dir, tmp_path):
+    out = tmp_path / "throughput.json"
+    run_script("throughput.py", "--model", str(tiny_llama_dir), "--streams", "1,3", "--decode-tokens", "3",
+               "--prompt-tokens", "8", "--threads", "1", "--out", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert [r["streams"] for r in results] == [1, 3]
+    assert results[1]["states_bytes"] == 3 * results[0]["states_bytes"] and all(r["decode_tok_s"] > 0 for r in results)
+
+
+def test_fairness_finishes_when_the_ingest_ends_before_every_chat_started(tiny_llama_dir, tmp_path):
+    out = tmp_path / "fairness.json"
+    # 256 tokens fit one step's prefill budget: the ingest is over before the second chat is due.
+    run_script("fairness.py", "--model", str(tiny_llama_dir), "--ingest-tokens", "256", "--chats", "3",
+               "--chat-prompt-tokens", "4", "--chat-tokens", "2", "--threads", "1", "--out", str(out), timeout=60)
+    payload = json.loads(out.read_text())
+    assert payload["idle"]["chats"] == 3 and 1 <= payload["during_ingest"]["chats"] < 3
+    assert payload["ingest_alone"]["ingest_tok_s"] > 0
+
+
+def test_structured_output_runs_every_format(tiny_llama_dir, tmp_path):
+    out = tmp_path / "structured.json"
+    run_script("structured_output.py", "--model", str(tiny_llama_dir), "--streams", "1", "--decode-tokens", "4",
+               "--repeats", "1", "--threads", "1", "--out", str(out))
+    payload = json.loads(out.read_text())
+    assert {r["format"] for r in payload["results"]} == {"free text", "regex", "json schema"}
+
+
+def test_train_step_variants_compute_the_same_first_loss(tiny_llama_dir, tmp_path):
+    out = tmp_path / "train_step.json"
+    run_script("train_step.py", "--model", str(tiny_llama_dir), "--configs", "16,1,4,2,64", "--rounds", "1",
+               "--variants", "current,unmerged", "--out", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["current", "unmerged"]
+    assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-5)
+
+
+def test_profile_step_counts_operators_of_each_step_kind(tmp_path):
+    out = tmp_path / "profile.json"
+    run_script("profile_step.py", "--context", "16", "--prefill-chunk", "8", "--steps", "1", "--threads", "1",
+               "--out", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["mode"], r["step"]) for r in rows} == {(m, s) for m in ("bswa", "fam") for s in ("decode", "prefill")}
+    assert all(r["operators"] > 0 and r["top"] for r in rows)
