@@ -130,3 +130,13 @@ def test_profile_step_counts_operators_of_each_step_kind(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert {(r["mode"], r["step"]) for r in rows} == {(m, s) for m in ("bswa", "fam") for s in ("decode", "prefill")}
     assert all(r["operators"] > 0 and r["top"] for r in rows)
+
+
+def test_server_concurrency_streams_from_a_real_famserve_server(tiny_llama_dir, tmp_path):
+    out, text = tmp_path / "concurrency.json", tmp_path / "text.txt"
+    text.write_text("A long and quiet afternoon by the river. " * 50)
+    run_script("server_concurrency.py", "--model", str(tiny_llama_dir), "--systems", "famserve", "--streams", "1,2",
+               "--repeats", "1", "--prompt-tokens", "8", "--max-tokens", "4", "--text", str(text), "--plot", "",
+               "--out", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["system"], r["streams"], r["complete"]) for r in rows] == [("famserve", 1, True), ("famserve", 2, True)]
