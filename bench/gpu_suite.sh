@@ -58,10 +58,13 @@ for s in $stages; do
             --dtype bfloat16 --systems hf,bswa,fam --contexts 1024,8192,32768,131072,1048576 --repeats 3 \
             --repeat-max-context 131072 --hf-max-context 131072 --out "$out/engine_speed_gpu.json" \
             --plot-dir "$out" --plot-prefix bench_gpu ;;
-    chunk)  # run G found every step launch-bound (a 512-token step costs what a 1-token one does): one block a step
-        stage chunk "${CHUNK_LIMIT:-120}" "$py" bench/engine_speed.py --model "$model" --device cuda \
-            --dtype bfloat16 --systems bswa,fam --contexts 8192,32768 --repeats 3 --prefill-chunk 1024 \
-            --out "$out/engine_speed_chunk1024.json" --plot-dir "" ;;
+    chunk)  # run G found every step launch-bound (a 512-token step costs what a 1-token one does): one block a
+        # step (1024), and eight BSWA blocks a pass (8192: FamModel.prefill_blocks; FAM still goes block by block)
+        for chunk in 1024 8192; do
+            stage "chunk $chunk" "${CHUNK_LIMIT:-120}" "$py" bench/engine_speed.py --model "$model" --device cuda \
+                --dtype bfloat16 --systems bswa,fam --contexts 8192,32768 --repeats 3 --prefill-chunk "$chunk" \
+                --out "$out/engine_speed_chunk$chunk.json" --plot-dir ""
+        done ;;
     quality)
         stage quality "${QUALITY_LIMIT:-300}" "$py" bench/quality.py --model "$model" --device cuda \
             --dtype bfloat16 --modes bswa,full,bswa-nosink --texts-dir "$texts" \

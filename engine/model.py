@@ -274,6 +274,63 @@ class FamModel(nn.Module):
             row += t
         return out
 
+    def prefill_blocks(self, state: FamState, token_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """BSWA only: read n >= 1 whole blocks of one stream, which starts at a block boundary, in ONE forward pass
+        instead of n steps. Each block's window (its sinks as placed for it, the M blocks before it, itself up to the
+        query) is known up front, so every block attends under one banded mask to [each block's sink copy | the
+        ring's earlier blocks | the new blocks]. Leaves the state exactly as n steps would, before complete_block of
+        the last block (the caller runs it). Returns the last token's logits (1, V), or every token's (T, V).
+        Costs up to (M + n) / (M + 1) times the attention arithmetic of n steps (masked keys are computed too): a
+        win where a step's cost is launching kernels (a GPU), not on a CPU."""
+        lay, cfg = self.layout, self.fam_config
+        t, start = token_ids.numel(), state.num_tokens
+        if cfg.mode != "bswa" or start % lay.block_size or t == 0 or t % lay.block_size:
+            raise ValueError("prefill_blocks: BSWA, from a block boundary, whole blocks")
+        first_block, n = start // lay.block_size, t // lay.block_size
+        pos = torch.arange(start, start + t, device=self.device)
+        # Earlier blocks still in the window of the first new block, oldest first.
+        earlier = [b for b in range(first_block - lay.memory_blocks, first_block) if b >= 0]
+        earlier_slots = torch.cat([torch.arange(lay.block_slot(b), lay.block_slot(b) + lay.block_size)
+                                   for b in earlier]).to(self.device) if earlier else None
+        key_pos = pos if earlier_slots is None else torch.cat([state.key_pos[earlier_slots], pos])
+        # Sinks sit just before each block's window once the window has left block 0 (complete_block's rule).
+        windows = [(first_block + i - lay.memory_blocks) * lay.block_size for i in range(n)]
+        sunk = [i for i, w in enumerate(windows) if lay.num_sinks and w > 0]
+        sink_pos = torch.tensor([windows[i] - lay.num_sinks + j for i in sunk for j in range(lay.num_sinks)],
+                                dtype=torch.int64, device=self.device)
+        sink_cos, sink_sin = self.rotary.cos_sin(sink_pos, self.dtype)
+        query_block = pos // lay.block_size
+        visible = (key_pos[None, :] <= pos[:, None]) & (
+            key_pos[None, :] // lay.block_size >= query_block[:, None] - lay.memory_blocks)
+        sink_owner = torch.tensor([first_block + i for i in sunk for _ in range(lay.num_sinks)], dtype=torch.int64,
+                                  device=self.device)
+        mask = torch.cat([sink_owner[None, :] == query_block[:, None], visible], dim=1)  # (T, n_sunk*S + K)
+        cos, sin = self.rotary.cos_sin(pos, self.dtype)
+        x = self.model.embed_tokens(token_ids.to(self.device))
+        for l, layer in enumerate(self.model.layers):
+            q, k, v, k_raw = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+            if start < lay.num_sinks:
+                self._keep_sinks(state, l, start, k_raw, v)
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, T, D)
+            if earlier_slots is not None:
+                keys = torch.cat([state.k[l][:, earlier_slots], keys], dim=1)
+                values = torch.cat([state.v[l][:, earlier_slots], values], dim=1)
+            if sunk:
+                sink_k = state.sink_k[l].repeat(1, len(sunk), 1)  # (Hkv, n_sunk*S, D), unrotated
+                keys = torch.cat([rotate(sink_k.transpose(0, 1), sink_cos, sink_sin).transpose(0, 1), keys], dim=1)
+                values = torch.cat([state.v[l, :, :lay.num_sinks].repeat(1, len(sunk), 1), values], dim=1)
+            # The last R blocks read are the ring's content before the last block completes.
+            for i in range(max(0, n - lay.ring_blocks), n):
+                slot, rows = lay.block_slot(first_block + i), slice(i * lay.block_size, (i + 1) * lay.block_size)
+                state.k[l, :, slot:slot + lay.block_size] = k[rows].transpose(0, 1)
+                state.v[l, :, slot:slot + lay.block_size] = v[rows].transpose(0, 1)
+            x = layer.finish(x, attend(q, keys, values, mask))
+        for i in range(max(0, n - lay.ring_blocks), n):
+            slot = lay.block_slot(first_block + i)
+            state.key_pos[slot:slot + lay.block_size] = pos[i * lay.block_size:(i + 1) * lay.block_size]
+        state.num_tokens += t
+        return self.logits(x if all_logits else x[-1:])
+
     def _keep_sinks(self, st: FamState, layer: int, first: int, k_raw: torch.Tensor, v: torch.Tensor):
         """Remember the first S tokens' unrotated keys and their values (the piece's tokens start at position
         `first`); they become visible once their block leaves the window (complete_block)."""

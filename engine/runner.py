@@ -19,9 +19,12 @@ def _as_tensor(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: FamModel, max_step_tokens: int = 512):
+    def __init__(self, model: FamModel, max_step_tokens: int = 512, whole_blocks: bool | None = None):
         self.model = model
         self.max_step_tokens = max_step_tokens  # most tokens of one stream in one forward pass
+        # Several BSWA blocks of one stream in one pass (FamModel.prefill_blocks): fewer, larger steps, but more
+        # attention arithmetic, so by default only where a step costs its kernel launches rather than its FLOPs.
+        self.whole_blocks = model.device.type == "cuda" if whole_blocks is None else whole_blocks
 
     @property
     def block_size(self) -> int:
@@ -38,6 +41,12 @@ class ModelRunner:
         done = [0] * len(states)
         results: list[list[torch.Tensor]] = [[] for _ in states]
         while True:
+            if len(states) == 1 and self._whole_blocks(states[0], pending[0].numel() - done[0]):
+                n = min(pending[0].numel() - done[0], self.max_step_tokens) // self.block_size * self.block_size
+                results[0].append(self.model.prefill_blocks(states[0], pending[0][done[0]:done[0] + n], all_logits))
+                done[0] += n
+                self.model.complete_block(states[0])
+                continue
             pieces, owners = [], []
             for i, (st, toks) in enumerate(zip(states, pending)):
                 if done[i] < toks.numel():
@@ -54,6 +63,12 @@ class ModelRunner:
                 if piece.state.num_tokens % self.block_size == 0:
                     self.model.complete_block(piece.state)
         return [torch.cat(r) if all_logits else r[-1] for r in results]
+
+    def _whole_blocks(self, state: FamState, left: int) -> bool:
+        """Whether one stream's next step may read several whole blocks in one pass (FamModel.prefill_blocks):
+        BSWA, at a block boundary, with a step budget and input of two blocks or more."""
+        return (self.whole_blocks and self.model.fam_config.mode == "bswa" and state.num_tokens % self.block_size == 0
+                and min(left, self.max_step_tokens) >= 2 * self.block_size)
 
     def prefill(self, state: FamState, chunks: Iterable[Sequence[int] | torch.Tensor],
                 all_logits: bool = False) -> torch.Tensor | None:

@@ -90,6 +90,40 @@ def test_chunking_invariance(hf_model, fam):
             torch.testing.assert_close(state.tensors()[name], t, atol=ATOL, rtol=0, msg=name)
 
 
+BSWA_WINDOWS = [MODES[2], MODES[3], dict(mode="bswa", block_size=8, memory_blocks=3, sink_tokens=8)]
+
+
+@pytest.mark.parametrize("fam", BSWA_WINDOWS, ids=lambda f: f"M{f['memory_blocks']}-S{f['sink_tokens']}")
+def test_bswa_reads_many_blocks_in_one_pass_exactly(hf_model, fam):
+    """FamModel.prefill_blocks (whole blocks in one pass, which ModelRunner takes for one stream when its step
+    budget is two blocks or more) == one block a step, in logits and state: from a fresh stream and mid-stream,
+    from inside a block, with more and fewer new blocks than the ring holds, before and after the sinks move."""
+    model = fam_model(hf_model, **fam)
+    tokens = torch.randint(0, 128, (13 * 8,), generator=torch.Generator().manual_seed(6))
+    ref, ref_state = run_chunks(model, tokens, ones())
+    for cuts in ([0, 104], [0, 16, 104], [0, 8, 40, 64, 104], [0, 20, 104], [0, 24, 27, 104]):
+        runner, state = ModelRunner(model, max_step_tokens=10**9, whole_blocks=True), model.new_state()
+        got = torch.cat([runner.run([state], [tokens[a:b]], all_logits=True)[0] for a, b in zip(cuts, cuts[1:])])
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=f"logits, cuts {cuts}")
+        assert state.num_tokens == ref_state.num_tokens
+        for name, t in ref_state.tensors().items():
+            torch.testing.assert_close(state.tensors()[name], t, atol=ATOL, rtol=0, msg=f"{name}, cuts {cuts}")
+    last = ModelRunner(model, 32, whole_blocks=True).run([model.new_state()], [tokens])[0]  # 4 blocks a pass
+    torch.testing.assert_close(last, ref[-1:], atol=ATOL, rtol=0)
+
+
+def test_prefill_blocks_refuses_what_it_cannot_do_exactly(hf_model):
+    fam = fam_model(hf_model, **MODES[0])
+    with pytest.raises(ValueError, match="BSWA"):
+        fam.prefill_blocks(fam.new_state(), torch.arange(16))
+    bswa = fam_model(hf_model, **MODES[2])
+    state = bswa.new_state()
+    ModelRunner(bswa).run([state], [torch.arange(3)])
+    for ids in (torch.arange(16), torch.arange(5)):  # mid-block; not whole blocks
+        with pytest.raises(ValueError, match="whole blocks"):
+            bswa.prefill_blocks(state if ids.numel() == 16 else bswa.new_state(), ids)
+
+
 def test_memory_covering_input_without_fam_equals_full(hf_model):
     tokens = torch.randint(0, 128, (45,), generator=torch.Generator().manual_seed(6))
     full, _ = run_chunks(fam_model(hf_model, mode="full", block_size=8, full_context_tokens=64), tokens, whole())
