@@ -6,7 +6,6 @@ forever, and nothing noticed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -80,8 +79,6 @@ def test_markdown_tables_come_from_the_json(speed_json, quality_json):
 
 
 def test_plots_are_written(speed_json, quality_json, tmp_path):
-    if importlib.util.find_spec("matplotlib") is None:
-        pytest.skip("matplotlib is a bench extra, not a test dependency")
     run_script("plot.py", str(speed_json), str(quality_json), "--out-dir", str(tmp_path))
     assert {p.name for p in tmp_path.glob("*.png")} == {"bench_speed.png", "bench_memory.png", "bench_passkey.png",
                                                        "bench_perplexity.png"}
