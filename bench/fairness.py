@@ -61,6 +61,7 @@ def run(engine: LLMEngine, model, args: argparse.Namespace, with_ingest: bool) -
         engine.add(GenerationRequest("ingest", ids, SamplingParams(max_tokens=1), state=model.new_state(),
                                      prefill_only=True),
                    lambda out: ingest_done.append(time.perf_counter()) if out.finished else None)
+
     def may_submit() -> bool:  # beside an ingest, chats start only while it runs (fewer if it ends first)
         return len(submitted) < args.chats and (not with_ingest or not ingest_done)
 

@@ -41,7 +41,7 @@ class ModelRunner:
         done = [0] * len(states)
         results: list[list[torch.Tensor]] = [[] for _ in states]
         while True:
-            if len(states) == 1 and self._whole_blocks(states[0], pending[0].numel() - done[0]):
+            if len(states) == 1 and self._reads_whole_blocks(states[0], pending[0].numel() - done[0]):
                 n = min(pending[0].numel() - done[0], self.max_step_tokens) // self.block_size * self.block_size
                 results[0].append(self.model.prefill_blocks(states[0], pending[0][done[0]:done[0] + n], all_logits))
                 done[0] += n
@@ -64,7 +64,7 @@ class ModelRunner:
                     self.model.complete_block(piece.state)
         return [torch.cat(r) if all_logits else r[-1] for r in results]
 
-    def _whole_blocks(self, state: FamState, left: int) -> bool:
+    def _reads_whole_blocks(self, state: FamState, left: int) -> bool:
         """Whether one stream's next step may read several whole blocks in one pass (FamModel.prefill_blocks):
         BSWA, at a block boundary, with a step budget and input of two blocks or more."""
         return (self.whole_blocks and self.model.fam_config.mode == "bswa" and state.num_tokens % self.block_size == 0
