@@ -144,11 +144,16 @@ def save_run(path: str | Path, benchmark: str, machine: dict[str, Any], args: An
 
 
 def start(args: Any) -> dict[str, Any]:
-    """What every benchmark does first: quiet logging, the requested torch threads; returns machine_info."""
+    """What every benchmark does first: quiet logging, the requested torch threads; returns machine_info. A run
+    that will plot (--plot-dir) and cannot stops here, not after an hour of measuring."""
+    import importlib.util
     import logging
 
     import torch
 
+    if getattr(args, "plot_dir", None) and not getattr(args, "child", False) and \
+            importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("the plots need matplotlib (pip install -e '.[bench]'), or pass --plot-dir '' for none")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

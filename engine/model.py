@@ -282,9 +282,9 @@ class FamModel(nn.Module):
         the last block (the caller runs it). Returns the last token's logits (1, V), or every token's (T, V).
         Costs up to (M + n) / (M + 1) times the attention arithmetic of n steps (masked keys are computed too): a
         win where a step's cost is launching kernels (a GPU), not on a CPU."""
-        lay, cfg = self.layout, self.fam_config
+        lay = self.layout
         t, start = token_ids.numel(), state.num_tokens
-        if cfg.mode != "bswa" or start % lay.block_size or t == 0 or t % lay.block_size:
+        if self.fam_config.mode != "bswa" or start % lay.block_size or t == 0 or t % lay.block_size:
             raise ValueError("prefill_blocks: BSWA, from a block boundary, whole blocks")
         first_block, n = start // lay.block_size, t // lay.block_size
         pos = torch.arange(start, start + t, device=self.device)
@@ -293,18 +293,16 @@ class FamModel(nn.Module):
         earlier_slots = torch.cat([torch.arange(lay.block_slot(b), lay.block_slot(b) + lay.block_size)
                                    for b in earlier]).to(self.device) if earlier else None
         key_pos = pos if earlier_slots is None else torch.cat([state.key_pos[earlier_slots], pos])
-        # Sinks sit just before each block's window once the window has left block 0 (complete_block's rule).
-        windows = [(first_block + i - lay.memory_blocks) * lay.block_size for i in range(n)]
-        sunk = [i for i, w in enumerate(windows) if lay.num_sinks and w > 0]
-        sink_pos = torch.tensor([windows[i] - lay.num_sinks + j for i in sunk for j in range(lay.num_sinks)],
-                                dtype=torch.int64, device=self.device)
+        # Each block sees its own copy of the sinks, placed as complete_block places them for it.
+        sunk = [b for b in range(first_block, first_block + n) if self._sink_positions([b]).numel()]
+        sink_pos = self._sink_positions(sunk)
         sink_cos, sink_sin = self.rotary.cos_sin(sink_pos, self.dtype)
         query_block = pos // lay.block_size
         visible = (key_pos[None, :] <= pos[:, None]) & (
             key_pos[None, :] // lay.block_size >= query_block[:, None] - lay.memory_blocks)
-        sink_owner = torch.tensor([first_block + i for i in sunk for _ in range(lay.num_sinks)], dtype=torch.int64,
-                                  device=self.device)
+        sink_owner = torch.tensor(sunk, device=self.device).repeat_interleave(lay.num_sinks)
         mask = torch.cat([sink_owner[None, :] == query_block[:, None], visible], dim=1)  # (T, n_sunk*S + K)
+        kept = range(max(0, n - lay.ring_blocks), n)  # the last R blocks read: the ring's content at the end
         cos, sin = self.rotary.cos_sin(pos, self.dtype)
         x = self.model.embed_tokens(token_ids.to(self.device))
         for l, layer in enumerate(self.model.layers):
@@ -316,20 +314,31 @@ class FamModel(nn.Module):
                 keys = torch.cat([state.k[l][:, earlier_slots], keys], dim=1)
                 values = torch.cat([state.v[l][:, earlier_slots], values], dim=1)
             if sunk:
-                sink_k = state.sink_k[l].repeat(1, len(sunk), 1)  # (Hkv, n_sunk*S, D), unrotated
-                keys = torch.cat([rotate(sink_k.transpose(0, 1), sink_cos, sink_sin).transpose(0, 1), keys], dim=1)
+                keys = torch.cat([self._placed_sink_keys(state, l, sink_cos, sink_sin), keys], dim=1)
                 values = torch.cat([state.v[l, :, :lay.num_sinks].repeat(1, len(sunk), 1), values], dim=1)
-            # The last R blocks read are the ring's content before the last block completes.
-            for i in range(max(0, n - lay.ring_blocks), n):
+            for i in kept:
                 slot, rows = lay.block_slot(first_block + i), slice(i * lay.block_size, (i + 1) * lay.block_size)
                 state.k[l, :, slot:slot + lay.block_size] = k[rows].transpose(0, 1)
                 state.v[l, :, slot:slot + lay.block_size] = v[rows].transpose(0, 1)
             x = layer.finish(x, attend(q, keys, values, mask))
-        for i in range(max(0, n - lay.ring_blocks), n):
+        for i in kept:
             slot = lay.block_slot(first_block + i)
             state.key_pos[slot:slot + lay.block_size] = pos[i * lay.block_size:(i + 1) * lay.block_size]
         state.num_tokens += t
         return self.logits(x if all_logits else x[-1:])
+
+    def _sink_positions(self, blocks: list[int]) -> torch.Tensor:
+        """Where the sinks sit for each of these blocks (0-based): the S positions just before the block's window,
+        once that window has left block 0; before that the first tokens are in the window itself (none here)."""
+        lay = self.layout
+        starts = [(b - lay.memory_blocks) * lay.block_size for b in blocks]
+        return torch.tensor([w - lay.num_sinks + j for w in starts if w > 0 for j in range(lay.num_sinks)],
+                            dtype=torch.int64, device=self.device)
+
+    def _placed_sink_keys(self, state: FamState, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(Hkv, len(cos), D) the layer's sink keys rotated to the positions of cos/sin: one copy per S of them."""
+        copies = state.sink_k[layer].repeat(1, cos.shape[0] // self.layout.num_sinks, 1)  # unrotated
+        return rotate(copies.transpose(0, 1), cos, sin).transpose(0, 1)
 
     def _keep_sinks(self, st: FamState, layer: int, first: int, k_raw: torch.Tensor, v: torch.Tensor):
         """Remember the first S tokens' unrotated keys and their values (the piece's tokens start at position
@@ -350,12 +359,11 @@ class FamModel(nn.Module):
             self._update_fam(state, finished)
         slot = lay.block_slot(finished + 1)
         state.key_pos[slot:slot + lay.block_size] = EMPTY
-        window_start = state.num_tokens - lay.memory_blocks * lay.block_size
-        if lay.num_sinks and window_start > 0:
-            pos = torch.arange(window_start - lay.num_sinks, window_start, device=self.device)
+        pos = self._sink_positions([state.num_tokens // lay.block_size])
+        if pos.numel():
             cos, sin = self.rotary.cos_sin(pos, self.dtype)
             for l in range(lay.num_layers):
-                state.k[l, :, :lay.num_sinks] = rotate(state.sink_k[l].transpose(0, 1), cos, sin).transpose(0, 1)
+                state.k[l, :, :lay.num_sinks] = self._placed_sink_keys(state, l, cos, sin)
             state.key_pos[:lay.num_sinks] = pos
         if lay.num_fam:
             self._write_fam_keys(state)
