@@ -32,12 +32,14 @@ class LayerDelta(nn.Module):
         self.a = nn.ParameterDict({n: nn.Parameter(torch.zeros(rank, i)) for n, (i, _) in shapes.items()})
         self.b = nn.ParameterDict({n: nn.Parameter(torch.zeros(o, rank)) for n, (_, o) in shapes.items()})
 
-    def project(self, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """linear(x) plus this layer's delta on `name`, if it has one."""
+    def project(self, name: str, linear: nn.Linear, x: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """linear(x) plus this layer's delta on `name`, if it has one, on rows first.. only (the FAM rows of a
+        pass that also carries token rows before them)."""
         y = linear(x)
         if name not in self.a:
             return y
-        return y + fn.linear(fn.linear(x, self.a[name]), self.b[name]) * self.scale
+        delta = fn.linear(fn.linear(x[first:], self.a[name]), self.b[name]) * self.scale
+        return y + delta if first == 0 else torch.cat([y[:first], y[first:] + delta])
 
 
 class FamLoRA(nn.Module):

@@ -46,18 +46,29 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, delta: LayerDelta | None = None):
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, delta: LayerDelta | None = None,
+            delta_from: int = 0):
         """x (T, C) normed -> q (T, H, D) and k (T, Hkv, D) rotated, v (T, Hkv, D), and the unrotated k.
-        `delta`: the layer's FAM-row LoRA, given only for FAM rows (fam_lora.py)."""
+        `delta`: the layer's FAM-row LoRA (fam_lora.py), applied to the FAM rows, rows delta_from.. of x."""
         t = x.shape[0]
-        q = _project(self.q_proj, "q_proj", x, delta).view(t, self.num_heads, self.head_dim)  # (T, H, D)
-        k_raw = _project(self.k_proj, "k_proj", x, delta).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        v = _project(self.v_proj, "v_proj", x, delta).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        q = _project(self.q_proj, "q_proj", x, delta, delta_from).view(t, self.num_heads, self.head_dim)
+        k_raw, v = self._kv_raw(x, delta, delta_from)
         return rotate(q, cos, sin), rotate(k_raw, cos, sin), v, k_raw
 
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, delta: LayerDelta | None = None):
+        """x (T, C) normed FAM rows -> their k (T, Hkv, D) rotated and v: keys only, no queries needed."""
+        k_raw, v = self._kv_raw(x, delta, 0)
+        return rotate(k_raw, cos, sin), v
 
-def _project(linear: nn.Linear, name: str, x: torch.Tensor, delta: LayerDelta | None) -> torch.Tensor:
-    return linear(x) if delta is None else delta.project(name, linear, x)
+    def _kv_raw(self, x: torch.Tensor, delta: LayerDelta | None, delta_from: int):
+        t = x.shape[0]
+        k_raw = _project(self.k_proj, "k_proj", x, delta, delta_from).view(t, self.num_kv_heads, self.head_dim)
+        v = _project(self.v_proj, "v_proj", x, delta, delta_from).view(t, self.num_kv_heads, self.head_dim)
+        return k_raw, v
+
+
+def _project(linear: nn.Linear, name: str, x: torch.Tensor, delta: LayerDelta | None, delta_from: int = 0):
+    return linear(x) if delta is None else delta.project(name, linear, x, delta_from)
 
 
 class MLP(nn.Module):
@@ -67,9 +78,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, delta: LayerDelta | None = None) -> torch.Tensor:
-        hidden = fn.silu(_project(self.gate_proj, "gate_proj", x, delta)) * _project(self.up_proj, "up_proj", x, delta)
-        return _project(self.down_proj, "down_proj", hidden, delta)
+    def forward(self, x: torch.Tensor, delta: LayerDelta | None = None, delta_from: int = 0) -> torch.Tensor:
+        gate = _project(self.gate_proj, "gate_proj", x, delta, delta_from)
+        hidden = fn.silu(gate) * _project(self.up_proj, "up_proj", x, delta, delta_from)
+        return _project(self.down_proj, "down_proj", hidden, delta, delta_from)
 
 
 class DecoderLayer(nn.Module):
@@ -80,10 +92,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def finish(self, residual: torch.Tensor, attn: torch.Tensor, delta: LayerDelta | None = None) -> torch.Tensor:
-        """attn (T, H*D) attention output -> the layer's output rows, given the attention residual."""
-        h = residual + _project(self.self_attn.o_proj, "o_proj", attn, delta)
-        return h + self.mlp(self.post_attention_layernorm(h), delta)
+    def finish(self, residual: torch.Tensor, attn: torch.Tensor, delta: LayerDelta | None = None,
+               delta_from: int = 0) -> torch.Tensor:
+        """attn (T, H*D) attention output -> the layer's output rows, given the attention residual (`delta`: as
+        in Attention.qkv)."""
+        h = residual + _project(self.self_attn.o_proj, "o_proj", attn, delta, delta_from)
+        return h + self.mlp(self.post_attention_layernorm(h), delta, delta_from)
 
 
 class Backbone(nn.Module):
@@ -113,8 +127,8 @@ class StepPiece:
 
 class FamModel(nn.Module):
     """A Llama-family decoder that advances FamStates. `step` runs the tokens of many streams at once (dense layers
-    batched over all their rows, attention per stream against its own slots); `complete_block` runs the FAM update
-    and moves the window when a stream's block fills up."""
+    batched over all their rows, attention per stream against its own slots); a stream whose block fills up in a step
+    gets its FAM update in the same pass, and its window moves on."""
 
     def __init__(self, cfg: ModelConfig, fam: FamConfig):
         super().__init__()
@@ -218,7 +232,7 @@ class FamModel(nn.Module):
         pos = torch.arange(b - lay.num_fam, b, device=self.device)
         cos, sin = self.rotary.cos_sin(pos, self.dtype)
         for l, layer in enumerate(self.model.layers):
-            _, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(state.fam[l]), cos, sin, self.fam_delta(l))
+            k, v = layer.self_attn.kv(layer.input_layernorm(state.fam[l]), cos, sin, self.fam_delta(l))
             state.k[l, :, lay.num_sinks:lay.ring_start] = k.transpose(0, 1)
             state.v[l, :, lay.num_sinks:lay.ring_start] = v.transpose(0, 1)
         state.key_pos[lay.num_sinks:lay.ring_start] = pos
@@ -226,60 +240,103 @@ class FamModel(nn.Module):
     # --- the streaming step --------------------------------------------------------------------------------------
 
     def step(self, pieces: list[StepPiece], all_logits: bool = False) -> list[torch.Tensor]:
-        """Run each piece's tokens through the network, writing their keys/values into its state.
-        Returns per piece the logits (T, V) of every token if all_logits, else of its last token (1, V).
-        The caller completes blocks (complete_block) when a piece fills its stream's block."""
+        """Run each piece's tokens through the network, writing their keys/values into its state. A piece that
+        fills its stream's block completes the block in the same pass: at every layer the stream's FAM rows
+        (FAM_prev of that layer) join the token rows in the dense layers, attend to [FAM_prev | the whole block] and
+        become the next FAM, whose keys for the next block are projected right away. (As passes of their own, the
+        FAM update and the key projection doubled a step's kernel launches, which is what a GPU step costs.)
+        Returns per piece the logits (T, V) of every token if all_logits, else of its last token (1, V)."""
         lay = self.layout
-        positions, masks, slots, starts = [], [], [], []
-        for piece in pieces:
-            st, t = piece.state, piece.token_ids.numel()
-            start = st.num_tokens
-            starts.append(start)
-            if t == 0 or start % lay.block_size + t > lay.block_size:
-                raise ValueError("a step piece must hold 1..(tokens left in the block) tokens")
-            if self.fam_config.mode == "full" and start + t > lay.ring_blocks * lay.block_size:
-                raise ContextLengthError(f"full attention holds at most {lay.ring_blocks * lay.block_size} tokens; "
-                                         f"this stream would reach {start + t}")
-            pos = torch.arange(start, start + t, device=self.device)
-            slot = lay.block_slot(start // lay.block_size) + start % lay.block_size
-            st.key_pos[slot:slot + t] = pos
-            # Slots past the high-water mark were never written: leave them out of the attention entirely.
-            used = lay.ring_start + min(start + t, lay.ring_blocks * lay.block_size)
-            masks.append(st.key_pos[None, :used] <= pos[:, None])  # (T, K_used)
-            positions.append(pos)
-            slots.append(slot)
-        sizes = [p.token_ids.numel() for p in pieces]
-        all_pos = torch.cat(positions)
-        cos, sin = self.rotary.cos_sin(all_pos, self.dtype)
+        plans = [self._plan(piece) for piece in pieces]
+        n_tok = sum(p.size for p in plans)
+        closing = [p for p in plans if p.fam_pos is not None]  # pieces whose FAM update rides in this pass
+        cos, sin = self.rotary.cos_sin(torch.cat([p.pos for p in plans] + [p.fam_pos for p in closing]), self.dtype)
+        if closing:
+            next_cos, next_sin = self.rotary.cos_sin(torch.cat([p.fam_pos for p in closing]) + lay.block_size,
+                                                     self.dtype)
         x = self.model.embed_tokens(torch.cat([p.token_ids for p in pieces]).to(self.device))  # (sum T, C)
         for l, layer in enumerate(self.model.layers):
-            q, k, v, k_raw = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-            outs, row = [], 0
-            for piece, t, slot, mask, start in zip(pieces, sizes, slots, masks, starts):
-                st = piece.state
-                st.k[l, :, slot:slot + t] = k[row:row + t].transpose(0, 1)
-                st.v[l, :, slot:slot + t] = v[row:row + t].transpose(0, 1)
-                if start < lay.num_sinks:  # a Python int: testing a device tensor here would sync every layer
-                    self._keep_sinks(st, l, start, k_raw[row:row + t], v[row:row + t])
-                used = mask.shape[1]
-                outs.append(attend(q[row:row + t], st.k[l, :, :used], st.v[l, :, :used], mask))
+            delta = self.fam_delta(l) if closing else None
+            fam = [p.state.fam[l] for p in closing]  # FAM_prev rows entering this layer, (F, C) each
+            h = torch.cat([x, *fam]) if closing else x
+            q, k, v, k_raw = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin, delta, n_tok)
+            outs, fam_outs, row, fam_row = [], [], 0, n_tok
+            for p in plans:
+                st, t = p.state, p.size
+                st.k[l, :, p.slot:p.slot + t] = k[row:row + t].transpose(0, 1)
+                st.v[l, :, p.slot:p.slot + t] = v[row:row + t].transpose(0, 1)
+                if p.start < lay.num_sinks:  # a Python int: testing a device tensor here would sync every layer
+                    self._keep_sinks(st, l, p.start, k_raw[row:row + t], v[row:row + t])
+                queries = q[row:row + t]
+                if p.fam_pos is not None:
+                    queries = torch.cat([queries, q[fam_row:fam_row + lay.num_fam]])
+                    fam_row += lay.num_fam
+                used = p.mask.shape[1]
+                out = attend(queries, st.k[l, :, :used], st.v[l, :, :used], p.mask)
+                outs.append(out[:t])
+                fam_outs.append(out[t:])
                 row += t
-            x = layer.finish(x, torch.cat(outs))
-        for piece, t in zip(pieces, sizes):
-            piece.state.num_tokens += t
+            if not closing:
+                x = layer.finish(x, torch.cat(outs))
+                continue
+            # The first update's residual is zeros: FAM_0 carries no context (paper B.1).
+            residual = [torch.zeros_like(f) if p.state.num_fam_updates == 0 else f for p, f in zip(closing, fam)]
+            out = layer.finish(torch.cat([x, *residual]), torch.cat(outs + fam_outs), delta, n_tok)
+            x, new_fam = out[:n_tok], out[n_tok:]
+            fam_k, fam_v = layer.self_attn.kv(layer.input_layernorm(new_fam), next_cos, next_sin, delta)
+            for j, p in enumerate(closing):
+                rows = slice(j * lay.num_fam, (j + 1) * lay.num_fam)
+                p.state.fam[l] = new_fam[rows]
+                p.state.k[l, :, lay.num_sinks:lay.ring_start] = fam_k[rows].transpose(0, 1)
+                p.state.v[l, :, lay.num_sinks:lay.ring_start] = fam_v[rows].transpose(0, 1)
+        for p in plans:
+            p.state.num_tokens += p.size
+            if p.fam_pos is not None:
+                p.state.key_pos[lay.num_sinks:lay.ring_start] = p.fam_pos + lay.block_size
+                p.state.num_fam_updates += 1
+            if p.state.num_tokens % lay.block_size == 0:
+                self._start_next_block(p.state)
         out, row = [], 0
-        for t in sizes:
-            rows = x[row:row + t] if all_logits else x[row + t - 1:row + t]
+        for p in plans:
+            rows = x[row:row + p.size] if all_logits else x[row + p.size - 1:row + p.size]
             out.append(self.logits(rows))
-            row += t
+            row += p.size
         return out
+
+    def _plan(self, piece: StepPiece) -> "_PiecePlan":
+        """Where a piece's tokens go and what they (and, if it fills its block, its FAM rows) may attend to."""
+        lay, st, t = self.layout, piece.state, piece.token_ids.numel()
+        start = st.num_tokens
+        if t == 0 or start % lay.block_size + t > lay.block_size:
+            raise ValueError("a step piece must hold 1..(tokens left in the block) tokens")
+        if self.fam_config.mode == "full" and start + t > lay.ring_blocks * lay.block_size:
+            raise ContextLengthError(f"full attention holds at most {lay.ring_blocks * lay.block_size} tokens; "
+                                     f"this stream would reach {start + t}")
+        pos = torch.arange(start, start + t, device=self.device)
+        block_slot = lay.block_slot(start // lay.block_size)
+        slot = block_slot + start % lay.block_size
+        st.key_pos[slot:slot + t] = pos
+        # Slots past the high-water mark were never written: leave them out of the attention entirely.
+        used = lay.ring_start + min(start + t, lay.ring_blocks * lay.block_size)
+        mask = st.key_pos[None, :used] <= pos[:, None]  # (T, K_used)
+        fam_pos = None
+        if lay.num_fam and (start + t) % lay.block_size == 0:
+            # The FAM queries see FAM_prev (its slots) and the whole block, nothing else; they sit at the F
+            # positions before the block, where FAM_prev's keys are.
+            block = start - start % lay.block_size
+            fam_pos = torch.arange(block - lay.num_fam, block, device=self.device)
+            fam_mask = torch.zeros(lay.num_fam, used, dtype=torch.bool, device=self.device)
+            fam_mask[:, lay.num_sinks:lay.ring_start] = True
+            fam_mask[:, block_slot:block_slot + lay.block_size] = True
+            mask = torch.cat([mask, fam_mask])
+        return _PiecePlan(st, piece.token_ids, start, t, pos, slot, mask, fam_pos)
 
     def prefill_blocks(self, state: FamState, token_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """BSWA only: read n >= 1 whole blocks of one stream, which starts at a block boundary, in ONE forward pass
         instead of n steps. Each block's window (its sinks as placed for it, the M blocks before it, itself up to the
         query) is known up front, so every block attends under one banded mask to [each block's sink copy | the
-        ring's earlier blocks | the new blocks]. Leaves the state exactly as n steps would, before complete_block of
-        the last block (the caller runs it). Returns the last token's logits (1, V), or every token's (T, V).
+        ring's earlier blocks | the new blocks]. Leaves the state exactly as n steps would (the window moved on
+        past the last block). Returns the last token's logits (1, V), or every token's (T, V).
         Costs up to (M + n) / (M + 1) times the attention arithmetic of n steps (masked keys are computed too): a
         win where a step's cost is launching kernels (a GPU), not on a CPU."""
         lay = self.layout
@@ -293,7 +350,7 @@ class FamModel(nn.Module):
         earlier_slots = torch.cat([torch.arange(lay.block_slot(b), lay.block_slot(b) + lay.block_size)
                                    for b in earlier]).to(self.device) if earlier else None
         key_pos = pos if earlier_slots is None else torch.cat([state.key_pos[earlier_slots], pos])
-        # Each block sees its own copy of the sinks, placed as complete_block places them for it.
+        # Each block sees its own copy of the sinks, placed as _start_next_block places them for it.
         sunk = [b for b in range(first_block, first_block + n) if self._sink_positions([b]).numel()]
         sink_pos = self._sink_positions(sunk)
         sink_cos, sink_sin = self.rotary.cos_sin(sink_pos, self.dtype)
@@ -325,6 +382,7 @@ class FamModel(nn.Module):
             slot = lay.block_slot(first_block + i)
             state.key_pos[slot:slot + lay.block_size] = pos[i * lay.block_size:(i + 1) * lay.block_size]
         state.num_tokens += t
+        self._start_next_block(state)
         return self.logits(x if all_logits else x[-1:])
 
     def _sink_positions(self, blocks: list[int]) -> torch.Tensor:
@@ -342,47 +400,38 @@ class FamModel(nn.Module):
 
     def _keep_sinks(self, st: FamState, layer: int, first: int, k_raw: torch.Tensor, v: torch.Tensor):
         """Remember the first S tokens' unrotated keys and their values (the piece's tokens start at position
-        `first`); they become visible once their block leaves the window (complete_block)."""
+        `first`); they become visible once their block leaves the window (_start_next_block)."""
         n = min(self.layout.num_sinks - first, k_raw.shape[0])
         st.sink_k[layer, :, first:first + n] = k_raw[:n].transpose(0, 1)
         st.v[layer, :, first:first + n] = v[:n].transpose(0, 1)
 
     # --- block completion ----------------------------------------------------------------------------------------
 
-    def complete_block(self, state: FamState) -> None:
-        """Called when the block being filled is full: update each layer's FAM from [FAM_prev | block], then
-        start the next block: free its ring slots, re-position the sinks, project the new FAM to keys."""
+    def _start_next_block(self, state: FamState) -> None:
+        """Called when the block being filled is full (its FAM update already done): free the next block's ring
+        slots and re-position the sinks for its window."""
         lay = self.layout
-        assert state.num_tokens > 0 and state.num_tokens % lay.block_size == 0, "block is not complete"
-        finished = state.num_tokens // lay.block_size - 1  # 0-based index of the full block
-        if lay.num_fam:
-            self._update_fam(state, finished)
-        slot = lay.block_slot(finished + 1)
+        next_block = state.num_tokens // lay.block_size
+        slot = lay.block_slot(next_block)
         state.key_pos[slot:slot + lay.block_size] = EMPTY
-        pos = self._sink_positions([state.num_tokens // lay.block_size])
+        pos = self._sink_positions([next_block])
         if pos.numel():
             cos, sin = self.rotary.cos_sin(pos, self.dtype)
-            for l in range(lay.num_layers):
-                state.k[l, :, :lay.num_sinks] = self._placed_sink_keys(state, l, cos, sin)
+            n, hkv, s, d = state.sink_k.shape  # every layer's sinks rotated in one go: (S, N*Hkv, D)
+            placed = rotate(state.sink_k.permute(2, 0, 1, 3).reshape(s, n * hkv, d), cos, sin)
+            state.k[:, :, :s] = placed.view(s, n, hkv, d).permute(1, 2, 0, 3)
             state.key_pos[:lay.num_sinks] = pos
-        if lay.num_fam:
-            self._write_fam_keys(state)
 
-    def _update_fam(self, state: FamState, block_index: int) -> None:
-        lay = self.layout
-        b = block_index * lay.block_size
-        cos, sin = self.rotary.cos_sin(torch.arange(b - lay.num_fam, b, device=self.device), self.dtype)
-        slot = lay.block_slot(block_index)
-        first_update = state.num_fam_updates == 0
-        for l, layer in enumerate(self.model.layers):
-            fam, delta = state.fam[l], self.fam_delta(l)  # (F, C)
-            q, _, _, _ = layer.self_attn.qkv(layer.input_layernorm(fam), cos, sin, delta)
-            # FAM queries see FAM_prev (already projected in the fam slots) and the whole block, nothing else.
-            k = torch.cat([state.k[l, :, lay.num_sinks:lay.ring_start], state.k[l, :, slot:slot + lay.block_size]],
-                          dim=1)  # (Hkv, F + L, D)
-            v = torch.cat([state.v[l, :, lay.num_sinks:lay.ring_start], state.v[l, :, slot:slot + lay.block_size]],
-                          dim=1)
-            # The first update's residual is zeros: FAM_0 carries no context (paper B.1).
-            residual = torch.zeros_like(fam) if first_update else fam
-            state.fam[l] = layer.finish(residual, attend(q, k, v, None), delta)
-        state.num_fam_updates += 1
+
+@dataclass
+class _PiecePlan:
+    """FamModel._plan's answer for one StepPiece."""
+
+    state: FamState
+    token_ids: torch.Tensor
+    start: int  # position of the piece's first token
+    size: int  # its tokens
+    pos: torch.Tensor  # (T,) their positions
+    slot: int  # the ring slot of its first token
+    mask: torch.Tensor  # (T [+ F], K_used) what each token (then each FAM row, if fam_pos) may attend to
+    fam_pos: torch.Tensor | None  # (F,) positions of the FAM queries when the piece fills its block, else None

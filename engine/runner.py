@@ -1,5 +1,5 @@
-"""ModelRunner: feeds token streams of any length through FamModel in block-bounded pieces, completing blocks as
-they fill, so prefill of an unbounded input needs memory for one block only and a batch of streams with
+"""ModelRunner: feeds token streams of any length through FamModel in block-bounded pieces (FamModel completes a block in
+the step that fills it), so prefill of an unbounded input needs memory for one block only and a batch of streams with
 different partial-block offsets advances in one call."""
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ class ModelRunner:
                 n = min(pending[0].numel() - done[0], self.max_step_tokens) // self.block_size * self.block_size
                 results[0].append(self.model.prefill_blocks(states[0], pending[0][done[0]:done[0] + n], all_logits))
                 done[0] += n
-                self.model.complete_block(states[0])
                 continue
             pieces, owners = [], []
             for i, (st, toks) in enumerate(zip(states, pending)):
@@ -59,9 +58,6 @@ class ModelRunner:
                 break
             for i, logits in zip(owners, self.model.step(pieces, all_logits=all_logits)):
                 results[i].append(logits)
-            for piece in pieces:
-                if piece.state.num_tokens % self.block_size == 0:
-                    self.model.complete_block(piece.state)
         return [torch.cat(r) if all_logits else r[-1] for r in results]
 
     def _reads_whole_blocks(self, state: FamState, left: int) -> bool:
