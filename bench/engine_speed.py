@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's choice)")
     p.add_argument("--prefill-chunk", type=int, default=EngineConfig().prefill_chunk_tokens,
                    help="famserve: most tokens of one stream per forward pass (the engine's default)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="famserve on CUDA: decode every token eagerly (the baseline of its CUDA-graph decode)")
     p.add_argument("--no-isolate", action="store_true", help="run every system in this process (RSS then mixes)")
     p.add_argument("--interleave", action="store_true",
                    help="run the repeats in rounds (every system once per round) so a shared machine's drifting "
@@ -126,10 +128,12 @@ def corpus_slice(corpus: torch.Tensor, start: int, count: int) -> torch.Tensor:
 class FamserveSystem:
     """One famserve attention mode on a loaded model."""
 
-    def __init__(self, lm: LoadedModel, prefill_chunk: int):
+    def __init__(self, lm: LoadedModel, prefill_chunk: int, cuda_graphs: bool):
         self.lm, self.tokenizer = lm, lm.tokenizer
-        self.runner = ModelRunner(lm.model, max_step_tokens=prefill_chunk)
-        self.description = f"famserve {lm.model.fam_config.describe()}"
+        self.runner = ModelRunner(lm.model, max_step_tokens=prefill_chunk, cuda_graphs=cuda_graphs)
+        graphs = {True: ", CUDA-graph decode", False: ", eager decode"}[self.runner.graphs is not None]
+        self.description = f"famserve {lm.model.fam_config.describe()}" + (graphs if lm.model.device.type == "cuda"
+                                                                         else "")
         fam = lm.model.fam_config
         self.window = None if fam.mode == "full" else roofline.Window(fam.block_size, fam.memory_blocks,
                                                                       fam.num_fam_rows, fam.num_sinks)
@@ -381,7 +385,7 @@ def run_system(key: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         return results
     started = time.perf_counter()
     if key in STREAMING:
-        system = FamserveSystem(lm, args.prefill_chunk)
+        system = FamserveSystem(lm, args.prefill_chunk, not args.no_cuda_graphs)
         del lm
         rss_after_load = rss_bytes()
         with torch.inference_mode():
@@ -409,7 +413,8 @@ def run_system(key: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 system = LlamaCppSystem(resolve_model_path(args.model), shape, context + args.decode_tokens,
                                         args.threads or torch.get_num_threads(), args.prefill_chunk)
             else:
-                system = FamserveSystem(load_famserve(key, args, context), args.prefill_chunk)
+                system = FamserveSystem(load_famserve(key, args, context), args.prefill_chunk,
+                                        not args.no_cuda_graphs)
             rss_after_load = rss_bytes()
             with torch.inference_mode():
                 fresh_point(system, corpus[:min(WARMUP_TOKENS, context)], 2, sync)
@@ -442,6 +447,7 @@ def run_isolated(key: str, args: argparse.Namespace, contexts: list[int] | None 
                             ("--fam-adapter", args.fam_adapter)):
             if value:
                 argv += [flag, str(value)]
+        argv += ["--no-cuda-graphs"] if args.no_cuda_graphs else []
         done = subprocess.run(argv, cwd=ROOT, check=False)
         if done.returncode != 0 or not out.exists():
             return [{"system": key, "context_tokens": c, "skipped": f"failed (exit {done.returncode})"}

@@ -4,7 +4,7 @@
 # at full scale, and perplexity over a document of 2.9M tokens (bench/texts.py --long data/long).
 #
 #   bench/gpu_suite.sh MODEL.gguf OUT_DIR [TEXTS_DIR] [STAGE ...]
-#   stages (default: all but long): tests profile throughput speed chunk quality long trainstep
+#   stages (default: all but long): tests profile throughput speed chunk graphs quality long trainstep
 #   (trainstep: what one `famserve train` step costs at the serving shape, merged against unmerged LoRA)
 #
 # Runs from a checkout without installing famserve (only torch, transformers, safetensors, tokenizers, gguf and
@@ -15,7 +15,7 @@ model=${1:?usage: bench/gpu_suite.sh MODEL OUT_DIR [TEXTS_DIR] [STAGE ...]}
 out=${2:?usage: bench/gpu_suite.sh MODEL OUT_DIR [TEXTS_DIR] [STAGE ...]}
 texts=${3:-data/texts}
 shift $(( $# < 3 ? $# : 3 ))
-stages=${*:-tests profile throughput speed chunk quality}
+stages=${*:-tests profile throughput speed chunk graphs quality}
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -58,12 +58,18 @@ for s in $stages; do
             --dtype bfloat16 --systems hf,bswa,fam --contexts 1024,8192,32768,131072,1048576 --repeats 3 \
             --repeat-max-context 131072 --hf-max-context 131072 --out "$out/engine_speed_gpu.json" \
             --plot-dir "$out" --plot-prefix bench_gpu ;;
-    chunk)  # run G found every step launch-bound (a 512-token step costs what a 1-token one does): one block a
-        # step (1024), and eight BSWA blocks a pass (8192: FamModel.prefill_blocks; FAM still goes block by block)
-        for chunk in 1024 8192; do
-            stage "chunk $chunk" "${CHUNK_LIMIT:-120}" "$py" bench/engine_speed.py --model "$model" --device cuda \
-                --dtype bfloat16 --systems bswa,fam --contexts 8192,32768 --repeats 3 --prefill-chunk "$chunk" \
-                --out "$out/engine_speed_chunk$chunk.json" --plot-dir ""
+    chunk)  # run G found every step launch-bound (a 512-token step costs what a 1-token one does): eight BSWA
+        # blocks a pass (8192: FamModel.prefill_blocks), FAM one whole block a step; the `graphs` stage has 512
+        stage "chunk 8192" "${CHUNK_LIMIT:-90}" "$py" bench/engine_speed.py --model "$model" --device cuda \
+            --dtype bfloat16 --systems bswa,fam --contexts 8192,32768 --decode-tokens 16 --repeats 3 \
+            --prefill-chunk 8192 --no-roofline --out "$out/engine_speed_chunk8192.json" --plot-dir "" ;;
+    graphs)  # one stream's decode replayed from CUDA graphs (the default on CUDA) against eager steps, HF beside
+        for graphs in ${GRAPHS_MODES:-on off}; do
+            systems=bswa,fam,hf flag=
+            [ $graphs = off ] && systems=bswa,fam flag=--no-cuda-graphs
+            stage "graphs $graphs" "${GRAPHS_LIMIT:-100}" "$py" bench/engine_speed.py --model "$model" \
+                --device cuda --dtype bfloat16 --systems $systems --contexts 1024,32768 --decode-tokens 128 \
+                --repeats 3 --no-roofline $flag --out "$out/engine_speed_graphs_$graphs.json" --plot-dir ""
         done ;;
     quality)
         stage quality "${QUALITY_LIMIT:-300}" "$py" bench/quality.py --model "$model" --device cuda \
@@ -79,6 +85,6 @@ for s in $stages; do
         stage trainstep "${TRAINSTEP_LIMIT:-180}" "$py" bench/train_step.py --model "$model" --device cuda \
             --precision bfloat16 --configs 1024,3,64,4,6144 --batch-size 4 --variants current,unmerged --rounds 3 \
             --profile --out "$out/train_step_gpu.json" ;;
-    *) echo "unknown stage $s (tests profile throughput speed chunk quality long trainstep)"; exit 2 ;;
+    *) echo "unknown stage $s (tests profile throughput speed chunk graphs quality long trainstep)"; exit 2 ;;
     esac
 done

@@ -83,7 +83,7 @@ class LLMEngine:
 
     def __init__(self, model: FamModel, eos_token_ids: Sequence[int], max_running: int = 32,
                  max_waiting: int = 256, prefill_budget_tokens: int = 512, state_memory_bytes: int | None = None,
-                 grammar: GrammarCompiler | None = None):
+                 grammar: GrammarCompiler | None = None, cuda_graphs: bool = True):
         self.model = model
         self.grammar = grammar
         self.state_nbytes = model.state_nbytes  # of every fresh request's state
@@ -91,7 +91,7 @@ class LLMEngine:
         if budget < self.state_nbytes:
             raise ValueError(f"state_memory_bytes: {budget} bytes hold no state of this model and attention config "
                              f"({self.state_nbytes} bytes each)")
-        self.runner = ModelRunner(model, max_step_tokens=prefill_budget_tokens)
+        self.runner = ModelRunner(model, max_step_tokens=prefill_budget_tokens, cuda_graphs=cuda_graphs)
         self.sampler = Sampler(model.config.vocab_size)
         self.scheduler = BlockScheduler(max_running, max_waiting, prefill_budget_tokens, state_budget_bytes=budget)
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -105,7 +105,7 @@ class LLMEngine:
                     grammar: GrammarCompiler | None = None) -> LLMEngine:
         return cls(model, eos_token_ids, max_running=config.max_running, max_waiting=config.max_waiting,
                    prefill_budget_tokens=config.prefill_chunk_tokens, state_memory_bytes=config.state_memory_bytes,
-                   grammar=grammar)
+                   grammar=grammar, cuda_graphs=config.cuda_graphs)
 
     def add(self, request: GenerationRequest, emit: Callable[[RequestOutput], None]) -> None:
         if request.request_id in self._by_id:

@@ -303,6 +303,29 @@ class FamModel(nn.Module):
             row += p.size
         return out
 
+    def decode_one(self, state: FamState, token: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """One token of one stream, as `step` computes it, with every index a device tensor and every shape fixed
+        (attention over all K slots, the unwritten ones masked), so the whole call can be captured once as a CUDA
+        graph and replayed for every later token (cuda_graphs.py). token, pos, slot: (1,) int64 on the device: the
+        token, its position, its ring slot. Only for a token that does not fill its block, past the sinks, in a
+        FAM or BSWA stream. Does not count the token (state.num_tokens): the caller does. Returns (1, V)."""
+        state.key_pos.index_copy_(0, slot, pos)
+        mask = state.key_pos[None, :] <= pos[:, None]  # (1, K)
+        cos, sin = self.rotary.cos_sin(pos, self.dtype)
+        x = self.model.embed_tokens(token)  # (1, C)
+        for l, layer in enumerate(self.model.layers):
+            q, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+            state.k[l].index_copy_(1, slot, k.transpose(0, 1))
+            state.v[l].index_copy_(1, slot, v.transpose(0, 1))
+            x = layer.finish(x, attend(q, state.k[l], state.v[l], mask))
+        return self.logits(x)
+
+    def fits_decode_one(self, state: FamState) -> bool:
+        """Whether the stream's next single token may go through decode_one."""
+        lay = self.layout
+        return (self.fam_config.mode != "full" and state.num_tokens >= lay.num_sinks
+                and state.num_tokens % lay.block_size + 1 < lay.block_size)
+
     def _plan(self, piece: StepPiece) -> "_PiecePlan":
         """Where a piece's tokens go and what they (and, if it fills its block, its FAM rows) may attend to."""
         lay, st, t = self.layout, piece.state, piece.token_ids.numel()

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .cuda_graphs import DecodeGraphs
 from .model import FamModel, StepPiece
 from .state import FamState
 
@@ -19,12 +20,17 @@ def _as_tensor(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: FamModel, max_step_tokens: int = 512, whole_blocks: bool | None = None):
+    def __init__(self, model: FamModel, max_step_tokens: int = 512, whole_blocks: bool | None = None,
+                 cuda_graphs: bool | None = None):
         self.model = model
         self.max_step_tokens = max_step_tokens  # most tokens of one stream in one forward pass
+        on_gpu = model.device.type == "cuda"
         # Several BSWA blocks of one stream in one pass (FamModel.prefill_blocks): fewer, larger steps, but more
         # attention arithmetic, so by default only where a step costs its kernel launches rather than its FLOPs.
-        self.whole_blocks = model.device.type == "cuda" if whole_blocks is None else whole_blocks
+        self.whole_blocks = on_gpu if whole_blocks is None else whole_blocks
+        # A lone stream's decode token replayed from a CUDA graph (cuda_graphs.py); CUDA only.
+        use_graphs = on_gpu if cuda_graphs is None else cuda_graphs and on_gpu
+        self.graphs = DecodeGraphs(model) if use_graphs else None
 
     @property
     def block_size(self) -> int:
@@ -38,6 +44,10 @@ class ModelRunner:
         pending = [_as_tensor(t) for t in token_ids]
         if any(t.numel() == 0 for t in pending):
             raise ValueError("every stream needs at least one token")
+        if self.graphs is not None and len(states) == 1 and pending[0].numel() == 1:
+            logits = self.graphs.decode(states[0], int(pending[0]))
+            if logits is not None:
+                return [logits]
         done = [0] * len(states)
         results: list[list[torch.Tensor]] = [[] for _ in states]
         while True:

@@ -125,6 +125,33 @@ def test_prefill_blocks_refuses_what_it_cannot_do_exactly(hf_model):
         bswa.prefill_blocks(bswa.new_state(), torch.arange(5))  # not a whole block
 
 
+@pytest.mark.parametrize("fam", MODES, ids=lambda f: f"{f['mode']}-M{f['memory_blocks']}-S{f['sink_tokens']}")
+def test_decode_one_equals_a_step(hf_model, fam):
+    """FamModel.decode_one (tensor-indexed, all K slots, what a CUDA graph replays) == a one-token step, in logits
+    and every state tensor, at every position it accepts: before and after the window fills and wraps the ring;
+    the tokens it refuses (sinks, a block's last token) are exactly those fits_decode_one names."""
+    model = fam_model(hf_model, **fam)
+    tokens = torch.randint(0, 128, (7 * 8,), generator=torch.Generator().manual_seed(8))
+    runner, state, taken = ModelRunner(model), model.new_state(), 0
+    for i, token in enumerate(tokens.tolist()):
+        lay = model.layout
+        assert model.fits_decode_one(state) == (i >= lay.num_sinks and i % lay.block_size != lay.block_size - 1)
+        if model.fits_decode_one(state):
+            mine = state.clone()
+            one = torch.tensor([token])
+            slot = lay.block_slot(i // lay.block_size) + i % lay.block_size
+            got = model.decode_one(mine, one, torch.tensor([i]), torch.tensor([slot]))
+            mine.num_tokens += 1
+            expected = runner.run([state], [[token]])[0]
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=f"logits at {i}")
+            for name, t in state.tensors().items():
+                torch.testing.assert_close(mine.tensors()[name], t, atol=ATOL, rtol=0, msg=f"{name} at {i}")
+            taken += 1
+        else:
+            runner.run([state], [[token]])
+    assert taken >= 40
+
+
 def test_memory_covering_input_without_fam_equals_full(hf_model):
     tokens = torch.randint(0, 128, (45,), generator=torch.Generator().manual_seed(6))
     full, _ = run_chunks(fam_model(hf_model, mode="full", block_size=8, full_context_tokens=64), tokens, whole())
