@@ -47,11 +47,11 @@ for s in $stages; do
     profile)
         stage profile "${PROFILE_LIMIT:-90}" "$py" bench/profile_step.py --device cuda --dtype bfloat16 \
             --out "$out/profile_step.json" ;;
-    throughput)
-        for mode in bswa fam; do
-            stage "throughput $mode" "${THROUGHPUT_LIMIT:-90}" "$py" bench/throughput.py --random-shape llama-1b \
-                --mode "$mode" --device cuda --dtype bfloat16 --streams 1,4,16,32 --repeats 3 \
-                --out "$out/throughput_llama1b_$mode.json"
+    throughput)  # and BSWA with every decode step eager, the baseline of the CUDA graphs
+        for run in bswa fam bswa-eager; do
+            stage "throughput $run" "${THROUGHPUT_LIMIT:-90}" "$py" bench/throughput.py --random-shape llama-1b \
+                --mode "${run%-eager}" --device cuda --dtype bfloat16 --streams "${STREAMS:-1,4,16,32}" \
+                --repeats 3 $([ $run = bswa-eager ] && echo --no-cuda-graphs) --out "$out/throughput_llama1b_$run.json"
         done ;;
     speed)
         stage speed "${SPEED_LIMIT:-300}" "$py" bench/engine_speed.py --model "$model" --device cuda \

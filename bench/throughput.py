@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA: every decode step eager (the baseline)")
     p.add_argument("--out", default="bench/results/throughput.json")
     args = p.parse_args(argv)
     args.streams = stream_counts(p, args.streams)
@@ -93,7 +94,7 @@ def run_once(model: FamModel, num_streams: int, args: argparse.Namespace, decode
     prompt_budget = num_streams * args.prompt_tokens  # every prompt in the first step: streams decode in lockstep
     engine = LLMEngine(model, eos_token_ids=[], max_running=num_streams, max_waiting=num_streams,
                        prefill_budget_tokens=max(prompt_budget, 512),
-                       state_memory_bytes=num_streams * model.state_nbytes)
+                       state_memory_bytes=num_streams * model.state_nbytes, cuda_graphs=not args.no_cuda_graphs)
     times: dict[str, list[float]] = {}
     params = SamplingParams(max_tokens=decode_tokens, temperature=0, ignore_eos=True)
     for i in range(num_streams):

@@ -201,7 +201,7 @@ class EngineConfig:
     # Bytes of request states the engine may hold (running plus kept for reuse); a request waits in the queue until
     # its state fits. None: DEFAULT_CPU_STATE_MEMORY_BYTES on CPU, CUDA_STATE_MEMORY_FRACTION of free memory on CUDA.
     state_memory_bytes: int | None = None
-    cuda_graphs: bool = True  # on CUDA: a lone stream's decode token replayed from a CUDA graph (cuda_graphs.py)
+    cuda_graphs: bool = True  # on CUDA: decode steps replayed from CUDA graphs (cuda_graphs.py)
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported dtype {self.dtype!r}")

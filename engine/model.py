@@ -303,25 +303,32 @@ class FamModel(nn.Module):
             row += p.size
         return out
 
-    def decode_one(self, state: FamState, token: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """One token of one stream, as `step` computes it, with every index a device tensor and every shape fixed
-        (attention over all K slots, the unwritten ones masked), so the whole call can be captured once as a CUDA
-        graph and replayed for every later token (cuda_graphs.py). token, pos, slot: (1,) int64 on the device: the
-        token, its position, its ring slot. Only for a token that does not fill its block, past the sinks, in a
-        FAM or BSWA stream. Does not count the token (state.num_tokens): the caller does. Returns (1, V)."""
-        state.key_pos.index_copy_(0, slot, pos)
-        mask = state.key_pos[None, :] <= pos[:, None]  # (1, K)
+    def decode_tokens(self, states: list[FamState], token: torch.Tensor, pos: torch.Tensor,
+                      slot: torch.Tensor) -> torch.Tensor:
+        """One token for each of B streams, as `step` computes them, with every index a device tensor and every
+        shape fixed (attention over all K slots, the unwritten ones masked), so the whole call can be captured once
+        as a CUDA graph and replayed for every later token (cuda_graphs.py). token, pos, slot: (B,) int64 on the
+        device: each stream's token, its position, its ring slot. Only for tokens that do not fill their block,
+        past the sinks, in FAM or BSWA streams (fits_decode_tokens). Does not count the tokens (num_tokens): the
+        caller does. Returns (B, V)."""
+        masks = []
+        for b, st in enumerate(states):
+            st.key_pos.index_copy_(0, slot[b:b + 1], pos[b:b + 1])
+            masks.append(st.key_pos[None, :] <= pos[b:b + 1, None])  # (1, K)
         cos, sin = self.rotary.cos_sin(pos, self.dtype)
-        x = self.model.embed_tokens(token)  # (1, C)
+        x = self.model.embed_tokens(token)  # (B, C)
         for l, layer in enumerate(self.model.layers):
             q, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-            state.k[l].index_copy_(1, slot, k.transpose(0, 1))
-            state.v[l].index_copy_(1, slot, v.transpose(0, 1))
-            x = layer.finish(x, attend(q, state.k[l], state.v[l], mask))
+            outs = []
+            for b, st in enumerate(states):
+                st.k[l].index_copy_(1, slot[b:b + 1], k[b:b + 1].transpose(0, 1))
+                st.v[l].index_copy_(1, slot[b:b + 1], v[b:b + 1].transpose(0, 1))
+                outs.append(attend(q[b:b + 1], st.k[l], st.v[l], masks[b]))
+            x = layer.finish(x, torch.cat(outs))
         return self.logits(x)
 
-    def fits_decode_one(self, state: FamState) -> bool:
-        """Whether the stream's next single token may go through decode_one."""
+    def fits_decode_tokens(self, state: FamState) -> bool:
+        """Whether the stream's next single token may go through decode_tokens."""
         lay = self.layout
         return (self.fam_config.mode != "full" and state.num_tokens >= lay.num_sinks
                 and state.num_tokens % lay.block_size + 1 < lay.block_size)

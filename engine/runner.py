@@ -28,7 +28,7 @@ class ModelRunner:
         # Several BSWA blocks of one stream in one pass (FamModel.prefill_blocks): fewer, larger steps, but more
         # attention arithmetic, so by default only where a step costs its kernel launches rather than its FLOPs.
         self.whole_blocks = on_gpu if whole_blocks is None else whole_blocks
-        # A lone stream's decode token replayed from a CUDA graph (cuda_graphs.py); CUDA only.
+        # Decode steps (one token per stream) replayed from CUDA graphs (cuda_graphs.py); CUDA only.
         use_graphs = on_gpu if cuda_graphs is None else cuda_graphs and on_gpu
         self.graphs = DecodeGraphs(model) if use_graphs else None
 
@@ -44,10 +44,10 @@ class ModelRunner:
         pending = [_as_tensor(t) for t in token_ids]
         if any(t.numel() == 0 for t in pending):
             raise ValueError("every stream needs at least one token")
-        if self.graphs is not None and len(states) == 1 and pending[0].numel() == 1:
-            logits = self.graphs.decode(states[0], int(pending[0]))
+        if self.graphs is not None and all(p.numel() == 1 for p in pending):
+            logits = self.graphs.decode(states, [int(p) for p in pending])
             if logits is not None:
-                return [logits]
+                return list(logits[:, None])
         done = [0] * len(states)
         results: list[list[torch.Tensor]] = [[] for _ in states]
         while True:

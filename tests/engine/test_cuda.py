@@ -97,29 +97,31 @@ def test_train_command_runs_on_cuda(tiny_llama_dir, tmp_path, precision):
 
 @pytest.mark.parametrize("inference_mode", [False, True], ids=["no_grad", "inference_mode"])
 def test_decode_graphs_replay_the_eager_step(tiny_llama_dir, fam, inference_mode):
-    """One stream's decode through CUDA graphs (ModelRunner's default on CUDA) == eager steps, token by token, over
-    block boundaries and the sinks, with more streams than the graph cache holds (evicted, captured again), and for
-    a fork; the graphs were really captured and replayed (a silent fall back to eager steps fails)."""
+    """Decode steps through CUDA graphs (ModelRunner's default on CUDA) == eager steps, token by token, over block
+    boundaries and the sinks: lone streams taking turns, a batch of three, more batches than the graph cache holds
+    (evicted, captured again), and a fork; the graphs were really captured and replayed (a silent fall back to
+    eager steps fails)."""
     model = load_model(tiny_llama_dir, fam, fam.mode, EngineConfig(device="cuda")).model
     eager, graphed = ModelRunner(model, cuda_graphs=False), ModelRunner(model)
     graphed.graphs.capacity = 2
     mine, theirs = [model.new_state() for _ in range(3)], [model.new_state() for _ in range(3)]
 
-    def decode(i: int, ids: list[int]) -> None:
-        for pos, token in enumerate(ids):
-            want = eager.run([theirs[i]], [[token]])[0].cpu()
-            got = graphed.run([mine[i]], [[token]])[0].cpu()
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"stream {i}, token {pos}")
+    def decode(batch: list[int], steps) -> None:  # steps: one token per stream of the batch, per step
+        for n, step_tokens in enumerate(steps):
+            ids = [[t] for t in step_tokens]
+            want = torch.cat(eager.run([theirs[i] for i in batch], ids)).cpu()
+            got = torch.cat(graphed.run([mine[i] for i in batch], ids)).cpu()
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"streams {batch}, step {n}")
 
     with torch.inference_mode(inference_mode):
-        for step_ids in zip(tokens(30, 20), tokens(30, 21)):  # streams 0 and 1 take turns: replays
-            decode(0, [step_ids[0]])
-            decode(1, [step_ids[1]])
-        decode(2, tokens(12, 22))  # evicts stream 0's graph
-        decode(0, tokens(5, 23))  # captured again
+        for a, b in zip(tokens(30, 20), tokens(30, 21)):  # streams 0 and 1 alone, taking turns: replays
+            decode([0], [[a]])
+            decode([1], [[b]])
+        decode([0, 1, 2], zip(tokens(20, 22), tokens(20, 23), tokens(20, 24)))  # a batch: evicts stream 0's graph
+        decode([0], [[t] for t in tokens(5, 25)])  # captured again
         mine.append(mine[0].clone())
         theirs.append(theirs[0].clone())
-        decode(3, tokens(9, 24))  # a fork: its own buffers, its own graph
+        decode([3], [[t] for t in tokens(9, 26)])  # a fork: its own buffers, its own graph
     for name, t in theirs[3].tensors().items():
         torch.testing.assert_close(mine[3].tensors()[name].cpu(), t.cpu(), atol=ATOL, rtol=0, msg=name)
     graphs = graphed.graphs

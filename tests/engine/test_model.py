@@ -126,30 +126,38 @@ def test_prefill_blocks_refuses_what_it_cannot_do_exactly(hf_model):
 
 
 @pytest.mark.parametrize("fam", MODES, ids=lambda f: f"{f['mode']}-M{f['memory_blocks']}-S{f['sink_tokens']}")
-def test_decode_one_equals_a_step(hf_model, fam):
-    """FamModel.decode_one (tensor-indexed, all K slots, what a CUDA graph replays) == a one-token step, in logits
-    and every state tensor, at every position it accepts: before and after the window fills and wraps the ring;
-    the tokens it refuses (sinks, a block's last token) are exactly those fits_decode_one names."""
+def test_decode_tokens_equals_a_step(hf_model, fam):
+    """FamModel.decode_tokens (tensor-indexed, all K slots: what a CUDA graph replays) == a step of one token per
+    stream, in logits and every state tensor, for three streams at different offsets, at every step all of them
+    fit: before and after the window fills and the ring wraps. The tokens it refuses (sinks, a block's last
+    token) are exactly those fits_decode_tokens names."""
     model = fam_model(hf_model, **fam)
-    tokens = torch.randint(0, 128, (7 * 8,), generator=torch.Generator().manual_seed(8))
-    runner, state, taken = ModelRunner(model), model.new_state(), 0
-    for i, token in enumerate(tokens.tolist()):
-        lay = model.layout
-        assert model.fits_decode_one(state) == (i >= lay.num_sinks and i % lay.block_size != lay.block_size - 1)
-        if model.fits_decode_one(state):
-            mine = state.clone()
-            one = torch.tensor([token])
-            slot = lay.block_slot(i // lay.block_size) + i % lay.block_size
-            got = model.decode_one(mine, one, torch.tensor([i]), torch.tensor([slot]))
-            mine.num_tokens += 1
-            expected = runner.run([state], [[token]])[0]
-            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=f"logits at {i}")
-            for name, t in state.tensors().items():
-                torch.testing.assert_close(mine.tensors()[name], t, atol=ATOL, rtol=0, msg=f"{name} at {i}")
+    lay = model.layout
+    runner = ModelRunner(model)
+    states = [model.new_state() for _ in range(3)]
+    for state, offset in zip(states, (0, 3, 13)):
+        if offset:
+            runner.run([state], [torch.arange(offset) % 128])
+    gen, taken = torch.Generator().manual_seed(8), 0
+    for _ in range(6 * lay.block_size):
+        tokens = torch.randint(0, 128, (3,), generator=gen).tolist()
+        for st in states:
+            n = st.num_tokens
+            assert model.fits_decode_tokens(st) == (n >= lay.num_sinks and n % lay.block_size != lay.block_size - 1)
+        if all(model.fits_decode_tokens(st) for st in states):
+            mine = [st.clone() for st in states]
+            pos = [st.num_tokens for st in states]
+            slot = [lay.block_slot(p // lay.block_size) + p % lay.block_size for p in pos]
+            got = model.decode_tokens(mine, torch.tensor(tokens), torch.tensor(pos), torch.tensor(slot))
+            expected = torch.cat(runner.run(states, [[t] for t in tokens]))
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=f"logits at {pos}")
+            for m, st in zip(mine, states):
+                for name, t in st.tensors().items():
+                    torch.testing.assert_close(m.tensors()[name], t, atol=ATOL, rtol=0, msg=f"{name} at {pos}")
             taken += 1
         else:
-            runner.run([state], [[token]])
-    assert taken >= 40
+            runner.run(states, [[t] for t in tokens])
+    assert taken >= 3 * lay.block_size  # of 6 blocks of steps: each stream refuses its block-ending token
 
 
 def test_memory_covering_input_without_fam_equals_full(hf_model):
