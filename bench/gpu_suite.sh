@@ -48,7 +48,7 @@ for s in $stages; do
         stage profile "${PROFILE_LIMIT:-90}" "$py" bench/profile_step.py --device cuda --dtype bfloat16 \
             --out "$out/profile_step.json" ;;
     throughput)  # and BSWA with every decode step eager, the baseline of the CUDA graphs
-        for run in bswa fam bswa-eager; do
+        for run in ${THROUGHPUT_RUNS:-bswa fam bswa-eager}; do
             stage "throughput $run" "${THROUGHPUT_LIMIT:-90}" "$py" bench/throughput.py --random-shape llama-1b \
                 --mode "${run%-eager}" --device cuda --dtype bfloat16 --streams "${STREAMS:-1,4,16,32}" \
                 --repeats 3 $([ $run = bswa-eager ] && echo --no-cuda-graphs) --out "$out/throughput_llama1b_$run.json"
