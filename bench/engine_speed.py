@@ -70,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's choice)")
-    p.add_argument("--prefill-chunk", type=int, default=EngineConfig().prefill_chunk_tokens,
-                   help="famserve: most tokens of one stream per forward pass (the engine's default)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="famserve: most prompt tokens per engine step (default: the engine's for the device)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="famserve on CUDA: decode every token eagerly (the baseline of its CUDA-graph decode)")
     p.add_argument("--no-isolate", action="store_true", help="run every system in this process (RSS then mixes)")
@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         p.error("--contexts: give comma-separated integers")
     args.systems = [m.strip() for m in args.systems.split(",") if m.strip()]
+    args.prefill_chunk = EngineConfig(device=args.device, prefill_chunk_tokens=args.prefill_chunk).prefill_tokens
     for m in args.systems:
         if m not in SYSTEMS:
             p.error(f"--systems: unknown system {m!r} (choose from {', '.join(SYSTEMS)})")

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chat-prompt-tokens", type=int, default=32)
     p.add_argument("--chat-tokens", type=int, default=8)
     p.add_argument("--chat-every-steps", type=int, default=4)
-    p.add_argument("--prefill-budget-tokens", type=int, default=EngineConfig().prefill_chunk_tokens)
+    p.add_argument("--prefill-budget-tokens", type=int, default=None, help="default: the engine's for the device")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=None)
@@ -86,6 +86,8 @@ def run(engine: LLMEngine, model, args: argparse.Namespace, with_ingest: bool) -
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.prefill_budget_tokens = EngineConfig(device=args.device,
+                                              prefill_chunk_tokens=args.prefill_budget_tokens).prefill_tokens
     if args.threads:
         torch.set_num_threads(args.threads)
     model, name = build_model(argparse.Namespace(**vars(args), prompt_tokens=args.ingest_tokens,

@@ -104,7 +104,7 @@ class LLMEngine:
     def from_config(cls, model: FamModel, eos_token_ids: Sequence[int], config: EngineConfig,
                     grammar: GrammarCompiler | None = None) -> LLMEngine:
         return cls(model, eos_token_ids, max_running=config.max_running, max_waiting=config.max_waiting,
-                   prefill_budget_tokens=config.prefill_chunk_tokens, state_memory_bytes=config.state_memory_bytes,
+                   prefill_budget_tokens=config.prefill_tokens, state_memory_bytes=config.state_memory_bytes,
                    grammar=grammar, cuda_graphs=config.cuda_graphs)
 
     def add(self, request: GenerationRequest, emit: Callable[[RequestOutput], None]) -> None:

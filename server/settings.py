@@ -64,7 +64,8 @@ class Settings(BaseSettings):
                                                         "also chat's default when a request gives none")
     max_running: int = Field(32, gt=0, description="requests decoded together in one engine step")
     max_waiting: int = Field(256, gt=0, description="requests queued for a slot, at most (more: 429)")
-    prefill_budget_tokens: int = Field(512, gt=0, description="most prompt tokens processed in one engine step")
+    prefill_budget_tokens: int | None = Field(None, gt=0, description="most prompt tokens processed in one engine "
+                                                                      "step (default: 512 on CPU, 8192 on CUDA)")
     state_memory_bytes: int | None = Field(
         None, gt=0, description="request states the engine holds at most, in bytes; a request waits in the queue "
                                 "until its state fits (default: 4 GiB on CPU, 80% of free memory on CUDA)")

@@ -236,6 +236,12 @@ def test_engine_config_carries_the_limits(model):
     assert engine.stats.state_budget_bytes == 4 * model.state_nbytes and engine.stats.state_capacity_left == 4
     default = LLMEngine(model, eos_token_ids=[])  # on CPU: the documented fixed default
     assert default.stats.state_budget_bytes == DEFAULT_CPU_STATE_MEMORY_BYTES
+    # The prefill budget, unset, follows the device (larger steps on a GPU, docs/benchmarks.md run I); set, it wins.
+    assert LLMEngine.from_config(model, [], EngineConfig()).scheduler.prefill_budget_tokens == 512
+    assert (EngineConfig(device="cuda").prefill_tokens, EngineConfig(device="cuda:1").prefill_tokens) == (8192, 8192)
+    assert EngineConfig(device="cuda", prefill_chunk_tokens=64).prefill_tokens == 64
+    with pytest.raises(ValueError, match="prefill_chunk_tokens"):
+        EngineConfig(prefill_chunk_tokens=0)
 
 
 def test_stats_count_tokens_fam_updates_steps_and_queue_time(model):
