@@ -187,8 +187,8 @@ class FamConfig:
 # loaded; the rest is left for activations and session states.
 DEFAULT_CPU_STATE_MEMORY_BYTES = 4 * 2**30
 # Prompt tokens per engine step when not set. On a GPU a step costs its kernel launches more than its FLOPs, so fewer,
-# larger steps prefill faster (docs/benchmarks.md run I, H200: 8192 against 512 made BSWA 7-15x and FAM 2.2-2.8x
-# faster), at the price of longer pauses in other streams' decode while a prompt is read.
+# larger steps prefill faster (docs/benchmarks.md run I, H200: 8192 against 512 made BSWA 7-13x and FAM 2.2-2.6x
+# faster at 32k), at the price of longer pauses in other streams' decode while a prompt is read.
 DEFAULT_PREFILL_TOKENS = {"cpu": 512, "cuda": 8192}
 CUDA_STATE_MEMORY_FRACTION = 0.8
 
