@@ -334,7 +334,8 @@ class FamModel(nn.Module):
                 and state.num_tokens % lay.block_size + 1 < lay.block_size)
 
     def _plan(self, piece: StepPiece) -> "_PiecePlan":
-        """Where a piece's tokens go and what they (and, if it fills its block, its FAM rows) may attend to."""
+        """Where a piece's tokens go and what they (and, if it fills its block, its FAM rows) may attend to; writes
+        their positions into their slots' key_pos."""
         lay, st, t = self.layout, piece.state, piece.token_ids.numel()
         start = st.num_tokens
         if t == 0 or start % lay.block_size + t > lay.block_size:
