@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full-context", type=int, default=8192,
                    help="full attention's context: SmolLM2-135M's trained context (books are scored in segments of "
                         "this many tokens; PassKey up to this length)")
-    p.add_argument("--chunk-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="tokens per engine step (default: the engine's for the device, 512 on CPU, 8192 on CUDA)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -85,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.passkey_lengths = [int(v) for v in args.passkey_lengths.split(",") if v.strip()]
     except ValueError:
         p.error("--passkey-lengths: give comma-separated integers")
+    args.chunk_tokens = EngineConfig(device=args.device, prefill_chunk_tokens=args.chunk_tokens).prefill_tokens
     return args
 
 

@@ -191,7 +191,8 @@ def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated modes to compare: fam,bswa,full (default: fam with an adapter, else bswa)")
     p.add_argument("--fam-adapter", default=None, help="trained FAM adapter (safetensors)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--chunk-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="tokens per engine step (default: the engine's for the device, 512 on CPU, 8192 on CUDA)")
     p.add_argument("--full-context-tokens", type=int, default=8192, help="full mode: preallocated context")
 
 
@@ -213,7 +214,10 @@ def _run_eval(args: argparse.Namespace, title: str, columns: list[str], payload:
     table and write payload as JSON (exit 2 with a message, and no file, if loading or evaluating fails)."""
     from famserve.engine.errors import FamserveError
 
+    from famserve.engine.config import EngineConfig
+
     _set_threads(args.threads)
+    args.chunk_tokens = EngineConfig(device=args.device, prefill_chunk_tokens=args.chunk_tokens).prefill_tokens
     rows: list[list[str]] = []
     payload.update(model=args.model, adapter=args.fam_adapter, results=[])
     try:
