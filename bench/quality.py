@@ -148,8 +148,12 @@ def passkey_rows(label: str, lm: LoadedModel, args: argparse.Namespace, full_con
     lengths = [n for n in args.passkey_lengths if label != "full" or n <= full_context]
     rows = [{"label": label, "num_tokens": n, "skipped": f"longer than full attention's context ({full_context})"}
             for n in args.passkey_lengths if n not in lengths]
-    for r in evaluate.passkey(lm.model, lm.tokenizer, lengths, args.passkey_trials, args.seed, args.passkey_depth,
-                              None, args.passkey_batch, args.chunk_tokens):
+    try:
+        results = evaluate.passkey(lm.model, lm.tokenizer, lengths, args.passkey_trials, args.seed, args.passkey_depth,
+                                   None, args.passkey_batch, args.chunk_tokens)
+    except ValueError as e:  # a length too short for the prompt's frame: say so, not a traceback
+        raise SystemExit(f"--passkey-lengths: {e}") from None
+    for r in results:
         rows.append({"label": label, **r.as_dict()})
         print(f"  {label:>12} passkey @ {r.num_tokens:>7}: {r.correct}/{r.trials} "
               f"({r.digit_accuracy:.0%} of key digits in place, {r.from_key:.0%} of written digits from the key)",

@@ -73,6 +73,16 @@ def test_quality_scores_the_book_and_passkey_for_each_mode(quality_json):
                                                                                      ("full", 256, 2)}
 
 
+def test_quality_refuses_a_passkey_length_too_short_in_words(tiny_llama_dir, tmp_path):
+    done = subprocess.run([sys.executable, "bench/quality.py", "--model", str(tiny_llama_dir), "--modes", "bswa",
+                           "--skip-perplexity", "--passkey-lengths", "40", "--passkey-trials", "1", *WINDOW,
+                           "--plot-dir", "", "--threads", "1", "--out", str(tmp_path / "q.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "--passkey-lengths:" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "q.json").exists()
+
+
 def test_markdown_tables_come_from_the_json(speed_json, quality_json):
     out = run_script("markdown.py", str(speed_json), str(quality_json))
     assert "| famserve BSWA |" in out and "| HF transformers |" in out and "| bswa |" in out
