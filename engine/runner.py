@@ -1,6 +1,6 @@
 """ModelRunner: feeds token streams of any length through FamModel in block-bounded pieces (FamModel completes a
-block in the step that fills it), so prefill of an unbounded input needs memory for one block only and a batch of streams with
-different partial-block offsets advances in one call."""
+block in the step that fills it), so prefill of an unbounded input needs memory for one block only and a batch of
+streams with different partial-block offsets advances in one call."""
 
 from __future__ import annotations
 
