@@ -257,6 +257,9 @@ class LLMEngine:
         stats.num_states_resident = scheduler.state_bytes_in_use // self.state_nbytes
         stats.states_pooled_bytes = len(self._free_states) * self.state_nbytes
         stats.state_capacity_left = (stats.state_budget_bytes - scheduler.state_bytes_in_use) // self.state_nbytes
+        if self.runner.graphs is not None:
+            stats.cuda_graph_captures_total = self.runner.graphs.captures
+            stats.cuda_graph_replays_total = self.runner.graphs.replays
         return stats
 
 

@@ -136,8 +136,11 @@ def test_batched_engine_decode_on_cuda(tiny_llama_dir, fam, dtype):
     params = SamplingParams(max_tokens=12, temperature=0)
     requests = [GenerationRequest(f"r{i}", tokens(n, 10 + i), params) for i, n in enumerate([1, 5, 8, 13, 30, 64])]
 
+    last_engine = []
+
     def run(reqs) -> dict[str, list[int]]:
         engine = LLMEngine(model, eos_token_ids=[], max_running=8, prefill_budget_tokens=16)
+        last_engine[:] = [engine]
         out: dict[str, list[int]] = {r.request_id: [] for r in reqs}
         for r in reqs:
             engine.add(r, lambda o, rid=r.request_id: out[rid].extend(o.token_ids))
@@ -147,6 +150,11 @@ def test_batched_engine_decode_on_cuda(tiny_llama_dir, fam, dtype):
 
     together = run(requests)
     assert all(len(v) == 12 for v in together.values())
+    engine = last_engine[0]  # decode steps came from CUDA graphs, and the engine's metrics say how many
+    graphs = engine.runner.graphs
+    assert graphs.captures >= 1 and not graphs.broken
+    assert (engine.stats.cuda_graph_captures_total, engine.stats.cuda_graph_replays_total) == (graphs.captures,
+                                                                                             graphs.replays)
     if dtype == "float32":
         for r in requests:
             assert together[r.request_id] == run([GenerationRequest(r.request_id, r.prompt_ids, params)])[r.request_id]
