@@ -205,7 +205,7 @@ class EngineConfig:
     # Bytes of request states the engine may hold (running plus kept for reuse); a request waits in the queue until
     # its state fits. None: DEFAULT_CPU_STATE_MEMORY_BYTES on CPU, CUDA_STATE_MEMORY_FRACTION of free memory on CUDA.
     state_memory_bytes: int | None = None
-    cuda_graphs: bool = True  # on CUDA: decode steps replayed from CUDA graphs (cuda_graphs.py)
+    cuda_graphs: bool = True  # on CUDA: decode steps and whole blocks replayed from CUDA graphs (cuda_graphs.py)
 
     @property
     def prefill_tokens(self) -> int:

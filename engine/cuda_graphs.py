@@ -1,13 +1,16 @@
-"""DecodeGraphs: a decode step of a batch of streams replayed from a CUDA graph, so a step costs one launch instead
-of some 1,400 (docs/benchmarks.md run G: one-stream decode on an H200 was launch-bound, the GPU busy 5 ms of a
-20-60 ms step).
+"""StepGraphs: engine steps replayed from CUDA graphs, so a step costs one launch instead of some 1,400
+(docs/benchmarks.md run G: on an H200 a step was launch-bound, the GPU busy 5 ms of a 20-60 ms decode step).
 
-A graph records the kernels of FamModel.decode_tokens on the buffers of one batch of states, with each stream's
-token, position and slot read from small device tensors; replaying it after writing those is the same step. A
-state's buffers live as long as the state, so the graph stays valid for every later step of the same batch: one
-capture per batch (the `capacity` most recently used are kept), then a replay per step. A step decode_tokens does
-not take (a stream at its block's last token or in its sinks, full attention, a prompt piece) runs through
-FamModel.step as before."""
+Two kinds of step have fixed shapes and take a graph: a decode step of a batch of streams (FamModel.decode_tokens)
+and a whole block of one stream (FamModel.fill_block: prefill block by block, the FAM update riding along). A graph
+records the step's kernels on the buffers of its states, with everything that changes from step to step (tokens,
+positions, slots) read from small device tensors; replaying it after writing those is the same step. A state's
+buffers live as long as the state, so the graph stays valid for every later step: one capture per batch or stream
+(the most recently used are kept), then a replay per step. Steps that do not fit run through FamModel.step as before
+(a stream at its block's last token or in its sinks, full attention, prompt pieces that are not whole blocks).
+
+Every capture is checked once: the eager run that warms the kernels up before the capture computes the step, and
+the graph's first replay must agree with it; if it does not, the eager result stands and graphs are switched off."""
 
 from __future__ import annotations
 
@@ -18,13 +21,23 @@ from collections.abc import Sequence
 
 import torch
 
-from .model import FamModel
+from .model import BlockIndices, FamModel
 from .state import FamState
 
 log = logging.getLogger(__name__)
 
 
-class _BatchGraph:
+def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Replay against eager: the same kernels on the same inputs, so anything beyond rounding is a broken graph."""
+    got, want = got.float(), want.float()
+    return bool(torch.isfinite(got).all()) and float((got - want).abs().max()) <= 1e-2 * float(want.abs().max()) + 1e-3
+
+
+class GraphMismatch(RuntimeError):
+    """A graph's first replay disagreed with the eager step it was captured from."""
+
+
+class _DecodeGraph:
     """The captured decode step of one batch of states (in this order)."""
 
     def __init__(self, model: FamModel, states: Sequence[FamState], tokens: Sequence[int]):
@@ -32,13 +45,10 @@ class _BatchGraph:
         self.state_refs = [weakref.ref(s) for s in states]
         self.token, self.pos, self.slot = (torch.tensor(v, dtype=torch.int64, device=model.device)
                                            for v in self._inputs(states, tokens))
-        # decode_tokens is idempotent for fixed inputs (it writes the same keys into the same slots), so the
-        # warm-up on a side stream (lazy kernel set-up, as capture requires) is this step itself.
-        device, side = model.device, torch.cuda.Stream(model.device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            model.decode_tokens(list(states), self.token, self.pos, self.slot)
-        torch.cuda.current_stream(device).wait_stream(side)
+        # decode_tokens is idempotent for fixed inputs (it writes the same keys into the same slots), so the warm-up
+        # on a side stream (lazy kernel set-up, as capture requires) is this step itself.
+        with _side_stream(model.device):
+            self.eager = model.decode_tokens(list(states), self.token, self.pos, self.slot)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = model.decode_tokens(list(states), self.token, self.pos, self.slot)
@@ -51,6 +61,14 @@ class _BatchGraph:
     def holds(self, states: Sequence[FamState]) -> bool:
         return len(states) == len(self.state_refs) and all(r() is s for r, s in zip(self.state_refs, states))
 
+    def first_replay(self, states: Sequence[FamState]) -> torch.Tensor:
+        self.graph.replay()
+        if not _agrees(self.logits, self.eager):
+            self.model.decode_tokens(list(states), self.token, self.pos, self.slot)  # rewrite the slots eagerly
+            raise GraphMismatch(self.eager)
+        self.eager = None
+        return self.logits.clone()
+
     def replay(self, states: Sequence[FamState], tokens: Sequence[int]) -> torch.Tensor:
         for buffer, values in zip((self.token, self.pos, self.slot), self._inputs(states, tokens)):
             buffer.copy_(torch.tensor(values, dtype=torch.int64))
@@ -58,13 +76,66 @@ class _BatchGraph:
         return self.logits.clone()  # the graph's output buffer is overwritten by its next replay
 
 
-class DecodeGraphs:
-    """CUDA graphs of decode steps, one per batch of streams (the `capacity` most recently used)."""
+class _BlockGraph:
+    """The captured fill_block of one stream."""
 
-    def __init__(self, model: FamModel, capacity: int = 16):
-        self.model, self.capacity = model, capacity
-        self.graphs: OrderedDict[tuple[int, ...], _BatchGraph] = OrderedDict()
-        self.broken = False  # a capture failed once: stay eager
+    def __init__(self, model: FamModel, state: FamState, idx: BlockIndices):
+        self.model, self.state_ref, self.idx = model, weakref.ref(state), idx
+        # fill_block is not idempotent (it moves the FAM on), so the warm-up runs on the state, its result is kept
+        # to check the first replay, and the state is put back before the capture.
+        before = state.clone()
+        with _side_stream(model.device):
+            self.eager = model.fill_block(state, idx), state.clone()
+        state.copy_(before)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.fill_block(state, idx)
+
+    def holds(self, state: FamState) -> bool:
+        return self.state_ref() is state
+
+    def first_replay(self, state: FamState) -> torch.Tensor:
+        self.graph.replay()
+        logits, after = self.eager
+        self.eager = None
+        if not (_agrees(self.logits, logits) and all(_agrees(state.tensors()[n], after.tensors()[n])
+                                                     for n in ("k", "v", "fam"))):
+            state.copy_(after)
+            raise GraphMismatch(logits)
+        return self.logits.clone()
+
+    def replay(self, idx: BlockIndices) -> torch.Tensor:
+        self.idx.copy_(idx)
+        self.graph.replay()
+        return self.logits.clone()
+
+
+class _side_stream:
+    """Run the block on a side stream, as CUDA graph capture wants its warm-up."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stream = device, torch.cuda.Stream(device)
+
+    def __enter__(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.context = torch.cuda.stream(self.stream)
+        self.context.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self.context.__exit__(*exc)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
+class StepGraphs:
+    """CUDA graphs of decode steps (one per batch of streams, the `decode_capacity` most recently used) and of whole
+    blocks (one per stream, the `block_capacity` most recently used: each holds a block's activations)."""
+
+    def __init__(self, model: FamModel, decode_capacity: int = 16, block_capacity: int = 4):
+        self.model = model
+        self.decode_graphs: OrderedDict[tuple[int, ...], _DecodeGraph] = OrderedDict()
+        self.block_graphs: OrderedDict[int, _BlockGraph] = OrderedDict()
+        self.decode_capacity, self.block_capacity = decode_capacity, block_capacity
+        self.broken = False  # a capture failed or disagreed once: stay eager
         self.captures = self.replays = 0
 
     def decode(self, states: Sequence[FamState], tokens: Sequence[int]) -> torch.Tensor | None:
@@ -73,26 +144,63 @@ class DecodeGraphs:
         if self.broken or not all(self.model.fits_decode_tokens(s) for s in states):
             return None
         key = tuple(id(s) for s in states)
-        graph = self.graphs.get(key)
+        graph = self.decode_graphs.get(key)
         if graph is not None and graph.holds(states):
-            self.graphs.move_to_end(key)
+            self.decode_graphs.move_to_end(key)
             logits = graph.replay(states, tokens)
             self.replays += 1
         else:
-            try:
-                graph = _BatchGraph(self.model, states, tokens)
-            except RuntimeError as exc:  # an op the capture refuses: correct eager steps beat a crash
-                log.warning("CUDA graph capture failed, decoding without graphs: %s", exc)
-                self.broken = True
-                self.graphs.clear()
-                torch.cuda.synchronize(self.model.device)
+            logits = self._capture(lambda: _DecodeGraph(self.model, states, tokens), self.decode_graphs, key,
+                                   self.decode_capacity, lambda g: g.first_replay(states))
+            if logits is None:
                 return None
-            self.captures += 1
-            self.graphs[key] = graph
-            while len(self.graphs) > self.capacity:
-                self.graphs.popitem(last=False)
-            graph.graph.replay()  # capture records without running: this is the step
-            logits = graph.logits.clone()
         for s in states:
             s.num_tokens += 1
         return logits
+
+    def fill_block(self, state: FamState, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """The stream's next whole block (L tokens) through its graph: the block's last logits (1, V), the state
+        advanced past the block (its FAM updated, its window moved on); or None when the block cannot take a graph."""
+        if self.broken or not self.model.fits_fill_block(state):
+            return None
+        idx = self.model.block_indices(state, token_ids)
+        graph = self.block_graphs.get(id(state))
+        if graph is not None and graph.holds(state):
+            self.block_graphs.move_to_end(id(state))
+            logits = graph.replay(idx)
+            self.replays += 1
+        else:
+            logits = self._capture(lambda: _BlockGraph(self.model, state, idx), self.block_graphs, id(state),
+                                   self.block_capacity, lambda g: g.first_replay(state))
+            if logits is None:
+                return None
+        state.num_tokens += self.model.layout.block_size
+        state.num_fam_updates += 1 if self.model.layout.num_fam else 0
+        return logits
+
+    def _capture(self, make, graphs: OrderedDict, key, capacity: int, first_replay) -> torch.Tensor | None:
+        """Capture a graph and run its first replay (capture records without running: that replay is the step).
+        Returns the step's logits; None if the capture failed (the state is as before the step); on a disagreeing
+        replay, the eager logits (the state as the eager step left it). Either way graphs are off from then on."""
+        try:
+            graph = make()
+        except RuntimeError as exc:  # an op the capture refuses: correct eager steps beat a crash
+            self._switch_off(f"CUDA graph capture failed, running without graphs: {exc}")
+            return None
+        self.captures += 1
+        try:
+            logits = first_replay(graph)
+        except GraphMismatch as mismatch:
+            self._switch_off("a CUDA graph's replay disagreed with its eager step; running without graphs")
+            return mismatch.args[0]
+        graphs[key] = graph
+        while len(graphs) > capacity:
+            graphs.popitem(last=False)
+        return logits
+
+    def _switch_off(self, why: str) -> None:
+        log.warning(why)
+        self.broken = True
+        self.decode_graphs.clear()
+        self.block_graphs.clear()
+        torch.cuda.synchronize(self.model.device)

@@ -125,6 +125,23 @@ class StepPiece:
     token_ids: torch.Tensor  # (T,) int64
 
 
+@dataclass
+class BlockIndices:
+    """Where one whole block of a stream goes (FamModel.fill_block), as device tensors: all that changes from one
+    block to the next, so that a CUDA graph of fill_block replays for any later block once these are copied in."""
+
+    token: torch.Tensor  # (L,) the block's tokens
+    pos: torch.Tensor  # (L,) their positions
+    slots: torch.Tensor  # (L,) their ring slots
+    fam_pos: torch.Tensor  # (F,) the FAM queries' positions: the F before the block, where FAM_prev's keys sit
+    next_slots: torch.Tensor  # (L,) the next block's ring slots, freed
+    sink_pos: torch.Tensor  # (S,) where the sinks sit for the next block
+
+    def copy_(self, other: BlockIndices) -> None:
+        for name in ("token", "pos", "slots", "fam_pos", "next_slots", "sink_pos"):
+            getattr(self, name).copy_(getattr(other, name))
+
+
 class FamModel(nn.Module):
     """A Llama-family decoder that advances FamStates. `step` runs the tokens of many streams at once (dense layers
     batched over all their rows, attention per stream against its own slots); a stream whose block fills up in a step
@@ -333,6 +350,62 @@ class FamModel(nn.Module):
         return (self.fam_config.mode != "full" and state.num_tokens >= lay.num_sinks
                 and state.num_tokens % lay.block_size + 1 < lay.block_size)
 
+    def fill_block(self, state: FamState, idx: BlockIndices) -> torch.Tensor:
+        """One whole block of one stream, from a block boundary past the first max(1, M) blocks, as `step` reads it
+        (with the FAM update riding along) and then the move to the next block, with every index a device tensor
+        (BlockIndices) and every shape fixed, so that a CUDA graph captured once replays it for every later block of
+        the stream (cuda_graphs.py). Does not count the tokens or the FAM update: the caller does. Returns the
+        block's last logits (1, V)."""
+        lay = self.layout
+        size, fam, sinks = lay.block_size, lay.num_fam, lay.num_sinks
+        state.key_pos.index_copy_(0, idx.slots, idx.pos)
+        mask = state.key_pos[None, :] <= idx.pos[:, None]  # (L, K)
+        positions = idx.pos
+        if fam:  # the FAM queries see FAM_prev's slots and the whole block
+            seen = torch.zeros(lay.num_slots, dtype=torch.bool, device=self.device).index_fill_(0, idx.slots, True)
+            seen[sinks:lay.ring_start] = True
+            mask = torch.cat([mask, seen.expand(fam, -1)])
+            positions = torch.cat([idx.pos, idx.fam_pos])
+            next_cos, next_sin = self.rotary.cos_sin(idx.fam_pos + size, self.dtype)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        x = self.model.embed_tokens(idx.token)  # (L, C)
+        for l, layer in enumerate(self.model.layers):
+            delta = self.fam_delta(l) if fam else None
+            h = torch.cat([x, state.fam[l]]) if fam else x
+            q, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin, delta, size)
+            state.k[l].index_copy_(1, idx.slots, k[:size].transpose(0, 1))
+            state.v[l].index_copy_(1, idx.slots, v[:size].transpose(0, 1))
+            h = layer.finish(h, attend(q, state.k[l], state.v[l], mask), delta, size)
+            x = h[:size]
+            if fam:
+                fam_k, fam_v = layer.self_attn.kv(layer.input_layernorm(h[size:]), next_cos, next_sin, delta)
+                state.fam[l].copy_(h[size:])
+                state.k[l, :, sinks:lay.ring_start] = fam_k.transpose(0, 1)
+                state.v[l, :, sinks:lay.ring_start] = fam_v.transpose(0, 1)
+        if fam:
+            state.key_pos[sinks:lay.ring_start] = idx.fam_pos + size
+        state.key_pos.index_fill_(0, idx.next_slots, EMPTY)
+        self._place_sinks(state, idx.sink_pos)
+        return self.logits(x[-1:])
+
+    def fits_fill_block(self, state: FamState) -> bool:
+        """Whether the stream's next whole block may go through fill_block: at a block boundary, past block 0 (the
+        sinks are taken there, and the FAM's first update differs) and past the blocks before the window first
+        leaves block 0 (the sinks get placed from then on)."""
+        lay = self.layout
+        return (self.fam_config.mode != "full" and state.num_tokens % lay.block_size == 0
+                and state.num_tokens // lay.block_size >= max(1, lay.memory_blocks))
+
+    def block_indices(self, state: FamState, token_ids: torch.Tensor) -> BlockIndices:
+        """The BlockIndices of the stream's next block, holding `token_ids` (L,)."""
+        lay, start = self.layout, state.num_tokens
+        block, rows = start // lay.block_size, torch.arange(lay.block_size)
+        return BlockIndices(token=token_ids.to(self.device), pos=(start + rows).to(self.device),
+                            slots=(lay.block_slot(block) + rows).to(self.device),
+                            fam_pos=torch.arange(start - lay.num_fam, start, device=self.device),
+                            next_slots=(lay.block_slot(block + 1) + rows).to(self.device),
+                            sink_pos=self._sink_positions([block + 1]))
+
     def _plan(self, piece: StepPiece) -> "_PiecePlan":
         """Where a piece's tokens go and what they (and, if it fills its block, its FAM rows) may attend to; writes
         their positions into their slots' key_pos."""
@@ -447,11 +520,15 @@ class FamModel(nn.Module):
         state.key_pos[slot:slot + lay.block_size] = EMPTY
         pos = self._sink_positions([next_block])
         if pos.numel():
-            cos, sin = self.rotary.cos_sin(pos, self.dtype)
-            n, hkv, s, d = state.sink_k.shape  # every layer's sinks rotated in one go: (S, N*Hkv, D)
-            placed = rotate(state.sink_k.permute(2, 0, 1, 3).reshape(s, n * hkv, d), cos, sin)
-            state.k[:, :, :s] = placed.view(s, n, hkv, d).permute(1, 2, 0, 3)
-            state.key_pos[:lay.num_sinks] = pos
+            self._place_sinks(state, pos)
+
+    def _place_sinks(self, state: FamState, pos: torch.Tensor) -> None:
+        """Rotate every layer's sink keys to `pos` (S,) and make them visible there."""
+        cos, sin = self.rotary.cos_sin(pos, self.dtype)
+        n, hkv, s, d = state.sink_k.shape  # every layer's sinks rotated in one go: (S, N*Hkv, D)
+        placed = rotate(state.sink_k.permute(2, 0, 1, 3).reshape(s, n * hkv, d), cos, sin)
+        state.k[:, :, :s] = placed.view(s, n, hkv, d).permute(1, 2, 0, 3)
+        state.key_pos[:s] = pos
 
 
 @dataclass

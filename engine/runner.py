@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import StepGraphs
 from .model import FamModel, StepPiece
 from .state import FamState
 
@@ -28,9 +28,9 @@ class ModelRunner:
         # Several BSWA blocks of one stream in one pass (FamModel.prefill_blocks): fewer, larger steps, but more
         # attention arithmetic, so by default only where a step costs its kernel launches rather than its FLOPs.
         self.whole_blocks = on_gpu if whole_blocks is None else whole_blocks
-        # Decode steps (one token per stream) replayed from CUDA graphs (cuda_graphs.py); CUDA only.
+        # Decode steps and whole blocks replayed from CUDA graphs (cuda_graphs.py); CUDA only.
         use_graphs = on_gpu if cuda_graphs is None else cuda_graphs and on_gpu
-        self.graphs = DecodeGraphs(model) if use_graphs else None
+        self.graphs = StepGraphs(model) if use_graphs else None
 
     @property
     def block_size(self) -> int:
@@ -56,6 +56,13 @@ class ModelRunner:
                 results[0].append(self.model.prefill_blocks(states[0], pending[0][done[0]:done[0] + n], all_logits))
                 done[0] += n
                 continue
+            if (len(states) == 1 and self.graphs is not None and not all_logits
+                    and min(pending[0].numel() - done[0], self.max_step_tokens) >= self.block_size):
+                logits = self.graphs.fill_block(states[0], pending[0][done[0]:done[0] + self.block_size])
+                if logits is not None:  # a whole block from its CUDA graph
+                    results[0].append(logits)
+                    done[0] += self.block_size
+                    continue
             pieces, owners = [], []
             for i, (st, toks) in enumerate(zip(states, pending)):
                 if done[i] < toks.numel():

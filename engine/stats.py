@@ -62,8 +62,8 @@ class EngineStats:
     decode_tokens_total: int = 0  # tokens generated
     fam_updates_total: int = 0  # FAM memory updates (one per completed block per stream, in fam mode)
     preemptions_total: int = 0  # running requests sent back to the queue; states are fixed-size, so never so far
-    cuda_graph_captures_total: int = 0  # decode steps captured as a CUDA graph (one per batch of streams; CUDA only)
-    cuda_graph_replays_total: int = 0  # decode steps replayed from a captured graph
+    cuda_graph_captures_total: int = 0  # steps captured as CUDA graphs (per decode batch or prefilling stream; CUDA)
+    cuda_graph_replays_total: int = 0  # steps replayed from a captured graph (decode steps, whole prompt blocks)
 
     # --- histograms
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))  # streams per step

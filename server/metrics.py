@@ -46,9 +46,9 @@ _ENGINE_COUNTERS = (
      "fam_updates_total"),
     ("famserve_preemptions_total", "running requests sent back to the queue (states are fixed-size: none)",
      "preemptions_total"),
-    ("famserve_cuda_graph_captures_total", "decode steps captured as a CUDA graph, one per batch of streams (CUDA)",
-     "cuda_graph_captures_total"),
-    ("famserve_cuda_graph_replays_total", "decode steps replayed from a captured CUDA graph",
+    ("famserve_cuda_graph_captures_total", "engine steps captured as CUDA graphs, one per decode batch or "
+     "prefilling stream (CUDA)", "cuda_graph_captures_total"),
+    ("famserve_cuda_graph_replays_total", "engine steps replayed from CUDA graphs (decode steps, whole prompt blocks)",
      "cuda_graph_replays_total"),
 )
 _ENGINE_HISTOGRAMS = (

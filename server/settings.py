@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and state dtype")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
-    cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps from CUDA graphs, one captured per "
-                                                "batch of streams (false: every step eager)")
+    cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps and whole prompt blocks from CUDA "
+                                                "graphs, captured once per batch or stream (false: every step eager)")
 
     # --- HTTP
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")

@@ -103,7 +103,7 @@ def test_decode_graphs_replay_the_eager_step(tiny_llama_dir, fam, inference_mode
     eager steps fails)."""
     model = load_model(tiny_llama_dir, fam, fam.mode, EngineConfig(device="cuda")).model
     eager, graphed = ModelRunner(model, cuda_graphs=False), ModelRunner(model)
-    graphed.graphs.capacity = 2
+    graphed.graphs.decode_capacity = 2
     mine, theirs = [model.new_state() for _ in range(3)], [model.new_state() for _ in range(3)]
 
     def decode(batch: list[int], steps) -> None:  # steps: one token per stream of the batch, per step
@@ -126,6 +126,32 @@ def test_decode_graphs_replay_the_eager_step(tiny_llama_dir, fam, inference_mode
         torch.testing.assert_close(mine[3].tensors()[name].cpu(), t.cpu(), atol=ATOL, rtol=0, msg=name)
     graphs = graphed.graphs
     assert not graphs.broken and graphs.captures == 5 and graphs.replays >= 55
+
+
+def test_block_graphs_replay_the_eager_blocks(tiny_llama_dir, fam):
+    """Prefill block by block through CUDA graphs (FamModel.fill_block, the FAM update riding along) == eager steps,
+    in the last logits and every state tensor: a long prompt, a second stream (its own graph), the first stream
+    going on (its graph replayed again), decode after it; each capture was checked against its eager step."""
+    model = load_model(tiny_llama_dir, fam, fam.mode, EngineConfig(device="cuda")).model
+    eager = ModelRunner(model, max_step_tokens=64, whole_blocks=False, cuda_graphs=False)
+    graphed = ModelRunner(model, max_step_tokens=64, whole_blocks=False)  # BSWA: one block a step, not 8 a pass
+    mine, theirs = [model.new_state(), model.new_state()], [model.new_state(), model.new_state()]
+
+    def feed(i: int, ids: list[int]) -> None:
+        want = eager.run([theirs[i]], [ids])[0].cpu()
+        got = graphed.run([mine[i]], [ids])[0].cpu()
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"stream {i}")
+        for name, t in theirs[i].tensors().items():
+            torch.testing.assert_close(mine[i].tensors()[name].cpu(), t.cpu(), atol=ATOL, rtol=0, msg=name)
+        assert (mine[i].num_tokens, mine[i].num_fam_updates) == (theirs[i].num_tokens, theirs[i].num_fam_updates)
+
+    feed(0, tokens(12 * 8 + 5, 30))  # ends inside a block: its last 5 tokens are an eager step
+    feed(1, tokens(6 * 8, 31))
+    feed(0, tokens(3, 32) + tokens(4 * 8, 33))  # completes the block, then 4 whole ones from stream 0's graph
+    for token in tokens(10, 34):
+        feed(0, [token])
+    graphs = graphed.graphs
+    assert not graphs.broken and graphs.captures >= 3 and graphs.replays >= 15
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

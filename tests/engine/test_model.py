@@ -160,6 +160,38 @@ def test_decode_tokens_equals_a_step(hf_model, fam):
     assert taken >= 3 * lay.block_size  # of 6 blocks of steps: each stream refuses its block-ending token
 
 
+@pytest.mark.parametrize("fam", MODES, ids=lambda f: f"{f['mode']}-M{f['memory_blocks']}-S{f['sink_tokens']}")
+def test_fill_block_equals_a_step(hf_model, fam):
+    """FamModel.fill_block (a whole block, device-tensor indices, all K slots: what a CUDA graph replays) == a step
+    of that block, in logits and every state tensor, block after block as the ring wraps, the sinks move and the
+    FAM updates; fits_fill_block takes every block boundary from block max(1, M) on, and nothing else."""
+    model = fam_model(hf_model, **fam)
+    lay = model.layout
+    runner, state = ModelRunner(model), model.new_state()
+    tokens = torch.randint(0, 128, (8 * lay.block_size,), generator=torch.Generator().manual_seed(9))
+    runner.run([state], [tokens[:3]])
+    assert not model.fits_fill_block(state)  # inside a block
+    runner.run([state], [tokens[3:lay.block_size]])
+    taken = 0
+    for block in range(1, 8):
+        ids = tokens[block * lay.block_size:(block + 1) * lay.block_size]
+        assert model.fits_fill_block(state) == (block >= max(1, lay.memory_blocks))
+        if model.fits_fill_block(state):
+            mine = state.clone()
+            got = model.fill_block(mine, model.block_indices(mine, ids))
+            mine.num_tokens += lay.block_size
+            mine.num_fam_updates += 1 if lay.num_fam else 0
+            expected = runner.run([state], [ids])[0]
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=f"logits, block {block}")
+            assert (mine.num_tokens, mine.num_fam_updates) == (state.num_tokens, state.num_fam_updates)
+            for name, t in state.tensors().items():
+                torch.testing.assert_close(mine.tensors()[name], t, atol=ATOL, rtol=0, msg=f"{name}, block {block}")
+            taken += 1
+        else:
+            runner.run([state], [ids])
+    assert taken >= 5
+
+
 def test_memory_covering_input_without_fam_equals_full(hf_model):
     tokens = torch.randint(0, 128, (45,), generator=torch.Generator().manual_seed(6))
     full, _ = run_chunks(fam_model(hf_model, mode="full", block_size=8, full_context_tokens=64), tokens, whole())
