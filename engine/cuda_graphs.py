@@ -26,6 +26,8 @@ from .state import FamState
 
 log = logging.getLogger(__name__)
 
+CAPTURE_BLOCKS_IN_HAND = 4  # whole blocks of input that earn a stream's block graph its capture (see fill_block)
+
 
 def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
     """Replay against eager: the same kernels on the same inputs, so anything beyond rounding is a broken graph."""
@@ -158,14 +160,21 @@ class StepGraphs:
             s.num_tokens += 1
         return logits
 
-    def fill_block(self, state: FamState, token_ids: torch.Tensor) -> torch.Tensor | None:
+    def fill_block(self, state: FamState, token_ids: torch.Tensor, blocks_in_hand: int) -> torch.Tensor | None:
         """The stream's next whole block (L tokens) through its graph: the block's last logits (1, V), the state
-        advanced past the block (its FAM updated, its window moved on); or None when the block cannot take a graph."""
+        advanced past the block (its FAM updated, its window moved on); or None when the block takes no graph.
+        `blocks_in_hand`: whole blocks of input the caller holds, this one included. A capture costs about three
+        block steps (two state copies, the eager warm-up, the capture), so a stream without a graph gets one only
+        with CAPTURE_BLOCKS_IN_HAND or more in hand: a short prompt is cheaper read eagerly."""
         if self.broken or not self.model.fits_fill_block(state):
             return None
-        idx = self.model.block_indices(state, token_ids)
         graph = self.block_graphs.get(id(state))
-        if graph is not None and graph.holds(state):
+        if graph is None or not graph.holds(state):
+            graph = None
+            if blocks_in_hand < CAPTURE_BLOCKS_IN_HAND:
+                return None
+        idx = self.model.block_indices(state, token_ids)
+        if graph is not None:
             self.block_graphs.move_to_end(id(state))
             logits = graph.replay(idx)
             self.replays += 1

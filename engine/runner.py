@@ -58,7 +58,9 @@ class ModelRunner:
                 continue
             if (len(states) == 1 and self.graphs is not None and not all_logits
                     and min(pending[0].numel() - done[0], self.max_step_tokens) >= self.block_size):
-                logits = self.graphs.fill_block(states[0], pending[0][done[0]:done[0] + self.block_size])
+                left = pending[0].numel() - done[0]
+                logits = self.graphs.fill_block(states[0], pending[0][done[0]:done[0] + self.block_size],
+                                                left // self.block_size)
                 if logits is not None:  # a whole block from its CUDA graph
                     results[0].append(logits)
                     done[0] += self.block_size
