@@ -7,6 +7,10 @@
 #   stages (default: all but long): tests profile throughput speed chunk graphs quality long trainstep
 #   (trainstep: what one `famserve train` step costs at the serving shape, merged against unmerged LoRA)
 #
+# The device tool carries at most 64 MiB a call and SmolLM2's GGUF is 94 MiB: split it (`split -n 2`), carry one half
+# per call, and copy each to /tmp on the device in its call (a carried path is gone from the checkout by the next
+# call; /tmp stays while the machine is warm, 30 s between calls), then `cat` the halves and check the sha256.
+#
 # Runs from a checkout without installing famserve (only torch, transformers, safetensors, tokenizers, gguf and
 # jinja2 are needed). Each stage has its own time limit (seconds, from the environment) so that one slow stage
 # cannot eat the others' time; every stage writes its JSON as it goes, so a stage cut short keeps what it measured.
