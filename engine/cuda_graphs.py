@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -31,12 +32,24 @@ CAPTURE_BLOCKS_IN_HAND = 4  # whole blocks of input that earn a stream's block g
 
 def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
     """Replay against eager: the same kernels on the same inputs, so anything beyond rounding is a broken graph."""
+    if want.numel() == 0:  # a BSWA state's FAM rows
+        return True
     got, want = got.float(), want.float()
     return bool(torch.isfinite(got).all()) and float((got - want).abs().max()) <= 1e-2 * float(want.abs().max()) + 1e-3
 
 
 class GraphMismatch(RuntimeError):
     """A graph's first replay disagreed with the eager step it was captured from."""
+
+
+@contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """Run the block on a side stream, as CUDA graph capture wants its warm-up, ordered with the current stream."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream(device).wait_stream(side)
 
 
 class _DecodeGraph:
@@ -110,22 +123,6 @@ class _BlockGraph:
         self.idx.copy_(idx)
         self.graph.replay()
         return self.logits.clone()
-
-
-class _side_stream:
-    """Run the block on a side stream, as CUDA graph capture wants its warm-up."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.stream = device, torch.cuda.Stream(device)
-
-    def __enter__(self) -> None:
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        self.context = torch.cuda.stream(self.stream)
-        self.context.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        self.context.__exit__(*exc)
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
 
 class StepGraphs:
