@@ -136,6 +136,7 @@ class StepGraphs:
         self.decode_capacity, self.block_capacity = decode_capacity, block_capacity
         self.broken = False  # a capture failed or disagreed once: stay eager
         self.captures = self.replays = 0
+        self._sighted: OrderedDict[tuple[int, ...], None] = OrderedDict()  # decode batches seen once, most recent last
 
     def decode(self, states: Sequence[FamState], tokens: Sequence[int]) -> torch.Tensor | None:
         """One token for each stream through the batch's graph: (B, V) logits, each state advanced by one token;
@@ -148,6 +149,13 @@ class StepGraphs:
             self.decode_graphs.move_to_end(key)
             logits = graph.replay(states, tokens)
             self.replays += 1
+        elif key not in self._sighted:
+            # A capture costs about three steps: a batch gets its graph when it comes back, so that streams
+            # joining and leaving every step (a burst of short requests) do not pay for graphs used once.
+            self._sighted[key] = None
+            while len(self._sighted) > 4 * self.decode_capacity:
+                self._sighted.popitem(last=False)
+            return None
         else:
             logits = self._capture(lambda: _DecodeGraph(self.model, states, tokens), self.decode_graphs, key,
                                    self.decode_capacity, lambda g: g.first_replay(states))

@@ -125,7 +125,7 @@ def test_decode_graphs_replay_the_eager_step(tiny_llama_dir, fam, inference_mode
     for name, t in theirs[3].tensors().items():
         torch.testing.assert_close(mine[3].tensors()[name].cpu(), t.cpu(), atol=ATOL, rtol=0, msg=name)
     graphs = graphed.graphs
-    assert not graphs.broken and graphs.captures == 5 and graphs.replays >= 55
+    assert not graphs.broken and graphs.captures == 5 and graphs.replays >= 45  # each batch: eager once, then captured
 
 
 def test_block_graphs_replay_the_eager_blocks(tiny_llama_dir, fam):
