@@ -69,9 +69,9 @@ for s in $stages; do
             --prefill-chunk 8192 --no-roofline --out "$out/engine_speed_chunk8192.json" --plot-dir "" ;;
     graphs)  # one stream's decode replayed from CUDA graphs (the default on CUDA) against eager steps, HF beside
         for graphs in ${GRAPHS_MODES:-on off}; do
-            systems=bswa,fam,hf flag=
+            systems=hf,bswa,fam flag=  # HF first: run I's time limit stopped it when it came last
             [ $graphs = off ] && systems=bswa,fam flag=--no-cuda-graphs
-            stage "graphs $graphs" "${GRAPHS_LIMIT:-100}" "$py" bench/engine_speed.py --model "$model" \
+            stage "graphs $graphs" "${GRAPHS_LIMIT:-150}" "$py" bench/engine_speed.py --model "$model" \
                 --device cuda --dtype bfloat16 --systems $systems --contexts 1024,32768 --decode-tokens 128 \
                 --repeats 3 --no-roofline $flag --out "$out/engine_speed_graphs_$graphs.json" --plot-dir ""
         done ;;
