@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .config import DEFAULT_PREFILL_TOKENS
 from .cuda_graphs import StepGraphs
 from .model import FamModel, StepPiece
 from .state import FamState
@@ -20,11 +21,12 @@ def _as_tensor(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: FamModel, max_step_tokens: int = 512, whole_blocks: bool | None = None,
+    def __init__(self, model: FamModel, max_step_tokens: int | None = None, whole_blocks: bool | None = None,
                  cuda_graphs: bool | None = None):
         self.model = model
-        self.max_step_tokens = max_step_tokens  # most tokens of one stream in one forward pass
         on_gpu = model.device.type == "cuda"
+        # Most tokens of one stream in one call of the model (None: the engine's default step budget for the device).
+        self.max_step_tokens = max_step_tokens or DEFAULT_PREFILL_TOKENS["cuda" if on_gpu else "cpu"]
         # Several BSWA blocks of one stream in one pass (FamModel.prefill_blocks): fewer, larger steps, but more
         # attention arithmetic, so by default only where a step costs its kernel launches rather than its FLOPs.
         self.whole_blocks = on_gpu if whole_blocks is None else whole_blocks
