@@ -34,7 +34,7 @@ import torch
 import roofline
 from common import peak_rss_bytes, print_table, rss_bytes, save_run, spread, start, write_json
 from famserve.engine.build import DTYPES, LoadedModel, load_model
-from famserve.engine.config import EngineConfig, FamConfig
+from famserve.engine.config import EngineConfig, FamConfig, default_prefill_tokens
 from famserve.engine.loader import resolve_model_path
 from famserve.engine.runner import ModelRunner
 from famserve.engine.tokenizer import Tokenizer
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         p.error("--contexts: give comma-separated integers")
     args.systems = [m.strip() for m in args.systems.split(",") if m.strip()]
-    args.prefill_chunk = EngineConfig(device=args.device, prefill_chunk_tokens=args.prefill_chunk).prefill_tokens
+    args.prefill_chunk = args.prefill_chunk or default_prefill_tokens(args.device)
     for m in args.systems:
         if m not in SYSTEMS:
             p.error(f"--systems: unknown system {m!r} (choose from {', '.join(SYSTEMS)})")

@@ -19,7 +19,7 @@ import torch
 
 from common import machine_info, print_table, write_json
 from famserve.engine.build import DTYPES
-from famserve.engine.config import EngineConfig
+from famserve.engine.config import EngineConfig, default_prefill_tokens
 from famserve.engine.engine import GenerationRequest, LLMEngine, RequestOutput
 from famserve.engine.sampling import SamplingParams
 from throughput import RANDOM_SHAPES, build_model
@@ -86,8 +86,7 @@ def run(engine: LLMEngine, model, args: argparse.Namespace, with_ingest: bool) -
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    args.prefill_budget_tokens = EngineConfig(device=args.device,
-                                              prefill_chunk_tokens=args.prefill_budget_tokens).prefill_tokens
+    args.prefill_budget_tokens = args.prefill_budget_tokens or default_prefill_tokens(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, name = build_model(argparse.Namespace(**vars(args), prompt_tokens=args.ingest_tokens,

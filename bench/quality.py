@@ -27,7 +27,7 @@ from common import print_table, save_run, start
 from markdown import passkey_grid
 from famserve.engine.adapter import FamAdapter
 from famserve.engine.build import DTYPES, LoadedModel, load_model
-from famserve.engine.config import EngineConfig, FamConfig
+from famserve.engine.config import EngineConfig, FamConfig, default_prefill_tokens
 from famserve.engine.model import FamModel
 from famserve.engine.training import evaluate
 from famserve.engine.training.data import iter_text_tokens
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.passkey_lengths = [int(v) for v in args.passkey_lengths.split(",") if v.strip()]
     except ValueError:
         p.error("--passkey-lengths: give comma-separated integers")
-    args.chunk_tokens = EngineConfig(device=args.device, prefill_chunk_tokens=args.chunk_tokens).prefill_tokens
+    args.chunk_tokens = args.chunk_tokens or default_prefill_tokens(args.device)
     return args
 
 

@@ -190,6 +190,12 @@ DEFAULT_CPU_STATE_MEMORY_BYTES = 4 * 2**30
 # larger steps prefill faster (docs/benchmarks.md run I, H200: 8192 against 512 made BSWA 7-13x and FAM 2.2-2.6x
 # faster at 32k), at the price of longer pauses in other streams' decode while a prompt is read.
 DEFAULT_PREFILL_TOKENS = {"cpu": 512, "cuda": 8192}
+
+
+def default_prefill_tokens(device: str) -> int:
+    """DEFAULT_PREFILL_TOKENS for a torch device name (cpu, cuda, cuda:1, ...)."""
+    return DEFAULT_PREFILL_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
+
 CUDA_STATE_MEMORY_FRACTION = 0.8
 
 
@@ -212,7 +218,7 @@ class EngineConfig:
         """prefill_chunk_tokens, or the default of this device's kind."""
         if self.prefill_chunk_tokens is not None:
             return self.prefill_chunk_tokens
-        return DEFAULT_PREFILL_TOKENS["cuda" if self.device.startswith("cuda") else "cpu"]
+        return default_prefill_tokens(self.device)
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported dtype {self.dtype!r}")

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .config import DEFAULT_PREFILL_TOKENS
+from .config import default_prefill_tokens
 from .cuda_graphs import StepGraphs
 from .model import FamModel, StepPiece
 from .state import FamState
@@ -26,7 +26,7 @@ class ModelRunner:
         self.model = model
         on_gpu = model.device.type == "cuda"
         # Most tokens of one stream in one call of the model (None: the engine's default step budget for the device).
-        self.max_step_tokens = max_step_tokens or DEFAULT_PREFILL_TOKENS["cuda" if on_gpu else "cpu"]
+        self.max_step_tokens = max_step_tokens or default_prefill_tokens(model.device.type)
         # Several BSWA blocks of one stream in one pass (FamModel.prefill_blocks): fewer, larger steps, but more
         # attention arithmetic, so by default only where a step costs its kernel launches rather than its FLOPs.
         self.whole_blocks = on_gpu if whole_blocks is None else whole_blocks

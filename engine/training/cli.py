@@ -214,10 +214,10 @@ def _run_eval(args: argparse.Namespace, title: str, columns: list[str], payload:
     table and write payload as JSON (exit 2 with a message, and no file, if loading or evaluating fails)."""
     from famserve.engine.errors import FamserveError
 
-    from famserve.engine.config import EngineConfig
+    from famserve.engine.config import default_prefill_tokens
 
     _set_threads(args.threads)
-    args.chunk_tokens = EngineConfig(device=args.device, prefill_chunk_tokens=args.chunk_tokens).prefill_tokens
+    args.chunk_tokens = args.chunk_tokens or default_prefill_tokens(args.device)
     rows: list[list[str]] = []
     payload.update(model=args.model, adapter=args.fam_adapter, results=[])
     try:
