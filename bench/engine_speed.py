@@ -371,6 +371,11 @@ def summarize(key: str, system: Any, points: list[Point], rss_after_load: int, n
         "prefill_flop_s": flops / prefill_s,
         "decode_bytes_per_token": moved,
         "decode_bytes_s": moved / decode_s,
+        # famserve on CUDA: graphs captured and replayed, and whether they were still on at the end (a capture
+        # that disagrees with its eager warm-up switches them off, and the numbers above are then eager ones)
+        "cuda_graphs": None if getattr(system, "runner", None) is None or system.runner.graphs is None else {
+            "captures": system.runner.graphs.captures, "replays": system.runner.graphs.replays,
+            "on": not system.runner.graphs.broken},
     }
 
 
