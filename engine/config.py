@@ -186,6 +186,7 @@ class FamConfig:
 # session budget stays inside an 8 GiB container. On CUDA a share of the device memory free once the weights are
 # loaded; the rest is left for activations and session states.
 DEFAULT_CPU_STATE_MEMORY_BYTES = 4 * 2**30
+CUDA_STATE_MEMORY_FRACTION = 0.8
 # Prompt tokens per engine step when not set. On a GPU a step costs its kernel launches more than its FLOPs, so fewer,
 # larger steps prefill faster (docs/benchmarks.md run I, H200: 8192 against 512 made BSWA 7-13x and FAM 2.2-2.6x
 # faster at 32k), at the price of longer pauses in other streams' decode while a prompt is read.
@@ -195,8 +196,6 @@ DEFAULT_PREFILL_TOKENS = {"cpu": 512, "cuda": 8192}
 def default_prefill_tokens(device: str) -> int:
     """DEFAULT_PREFILL_TOKENS for a torch device name (cpu, cuda, cuda:1, ...)."""
     return DEFAULT_PREFILL_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
-
-CUDA_STATE_MEMORY_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
