@@ -57,6 +57,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--chat-fraction", type=float, default=0.0,
                    help="share of chat batches: conversations in the model's chat template, loss on the assistant's "
                         "turns (with --distill-weight: the base model's own chat behaviour)")
+    p.add_argument("--fresh-chat", action="store_true",
+                   help="start chat batches from the FAM prompt's FAM_0, not the FAM carried by Random State Passing: "
+                        "a new conversation is a new stream in serving, so its first tokens see FAM_0 and the sinks")
     p.add_argument("--passkey-beyond-window", type=int, default=0, metavar="N",
                    help="put every key 1..N blocks before the question's attention window, where only FAM can "
                         "carry it (default 0: the paper's layout, depth 0 half of the time)")
@@ -110,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           passkey_fraction=args.passkey_fraction, passkey_start_step=args.passkey_start_step,
                           passkey_beyond_window=args.passkey_beyond_window,
                           passkey_answer_anywhere=args.passkey_answer_anywhere, recall_fraction=args.recall_fraction,
-                          chat_data=args.chat_data, chat_fraction=args.chat_fraction,
+                          chat_data=args.chat_data, chat_fraction=args.chat_fraction, fresh_chat=args.fresh_chat,
                           distill_weight=args.distill_weight,
                           steps=args.steps, seq_len=args.seq_len,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,

@@ -79,24 +79,26 @@ class FamTrainer:
         self.carried: torch.Tensor | None = None  # (N, B, F, C) the FAM that ended the last step, detached
         self.step_count = 0
 
-    def start_fam(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Per row: the carried FAM with probability rsp_prob (when there is one), else FAM_0 from the prompt."""
+    def start_fam(self, batch: int, carry: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per row: the carried FAM with probability rsp_prob (when there is one and carry), else FAM_0 from the
+        prompt."""
         if not self.fam.num_fam_rows:
             return None, None
         fam0 = self.model.initial_fam(self.fam_prompt)  # (N, F, C), gradients to P
         start = fam0[:, None].expand(-1, batch, -1, -1)  # (N, B, F, C)
         fresh = torch.ones(batch, dtype=torch.bool)
-        if self.carried is not None and self.carried.shape[1] == batch and self.rsp_prob > 0:
+        if carry and self.carried is not None and self.carried.shape[1] == batch and self.rsp_prob > 0:
             carry = torch.rand(batch, generator=self.generator) < self.rsp_prob
             start = torch.where(carry.to(start.device)[None, :, None, None], self.carried, start)
             fresh = ~carry
         return start, fresh.to(fam0.device)
 
-    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor) -> StepResult:
+    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor, carry_fam: bool = True) -> StepResult:
+        """One optimisation step; carry_fam=False starts every row from FAM_0 whatever RSP would draw."""
         started = time.perf_counter()
         device = self.model.device
         tokens, labels = tokens.to(device), labels.to(device)
-        start, fresh = self.start_fam(tokens.shape[0])
+        start, fresh = self.start_fam(tokens.shape[0], carry=carry_fam)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             teacher = self.teacher_hidden(tokens) if self.distill_weight else None
             out = forward_sequence(self.model, self.fam, tokens, start_fam=start, fresh=fresh,
@@ -164,6 +166,7 @@ class TrainConfig:
     recall_fraction: float = 0.0  # share of recall batches (a text span repeated beyond the window; needs --data)
     chat_data: str | None = None  # JSONL of conversations ({"messages": [...]}) for chat batches
     chat_fraction: float = 0.0  # share of chat batches (loss on the assistant's turns; needs chat_data)
+    fresh_chat: bool = False  # chat batches start from FAM_0, as a new conversation starts a new stream (no RSP)
     distill_weight: float = 0.0  # w: minimise (1 - w) * CE + w * KL(base model in full attention || model)
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this count)
     seq_len: int = 1024  # tokens per training sequence
@@ -220,6 +223,8 @@ class TrainConfig:
             raise ValueError("recall_fraction: recall examples are made of text: give --data")
         if not 0.0 <= self.chat_fraction <= 1.0:
             raise ValueError(f"chat_fraction: must be in 0..1, got {self.chat_fraction}")
+        if self.fresh_chat and not self.chat_fraction:
+            raise ValueError("fresh_chat: starts chat batches from FAM_0; give --chat-data and --chat-fraction")
         if bool(self.chat_fraction) != bool(self.chat_data):
             raise ValueError("chat_fraction: chat batches need both --chat-data and a --chat-fraction above 0")
         if not 0.0 <= self.distill_weight <= 1.0:
@@ -310,7 +315,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     first_step, seconds, last = trainer.step_count, 0.0, None
     with _Progress(progress, total=cfg.steps, done=first_step) as bar, open(log_path, "a") as log_file:
         while trainer.step_count < trainer.total_steps:
-            last = trainer.train_step(*batches.next_batch(trainer.step_count))
+            tokens, labels = batches.next_batch(trainer.step_count)
+            last = trainer.train_step(tokens, labels, carry_fam=not (cfg.fresh_chat and batches.last_kind == "chat"))
             seconds += last.seconds
             if cfg.max_seconds is not None:
                 _fit_schedule(trainer, cfg, seconds, trainer.step_count - first_step, last.seconds)

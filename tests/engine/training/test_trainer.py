@@ -38,11 +38,11 @@ def interrupt_at_step_3(cfg: TrainConfig, monkeypatch) -> None:
     """Run cfg until its third step raises KeyboardInterrupt (as Ctrl-C would), leaving its step-2 checkpoint."""
     real_step, calls = FamTrainer.train_step, []
 
-    def dies_at_step_3(self, tokens, labels):
+    def dies_at_step_3(self, tokens, labels, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_step(self, tokens, labels)
+        return real_step(self, tokens, labels, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(trainer_module.FamTrainer, "train_step", dies_at_step_3)
@@ -175,8 +175,8 @@ def test_bad_config_names_the_field(tiny_llama_dir, tmp_path):
 def test_time_budget_stops_the_run_and_fits_the_schedule(tiny_llama_dir, tmp_path, monkeypatch):
     real_step = FamTrainer.train_step
 
-    def one_second_steps(self, tokens, labels):  # a fixed step time, so the fitted length is exact
-        result = real_step(self, tokens, labels)
+    def one_second_steps(self, tokens, labels, **kwargs):  # a fixed step time, so the fitted length is exact
+        result = real_step(self, tokens, labels, **kwargs)
         result.seconds = 1.0
         return result
 
@@ -193,8 +193,8 @@ def test_time_budget_refits_the_schedule_when_steps_slow_down(tiny_llama_dir, tm
     plan 40 steps and stop at step 20 halfway through its decay; refitted, the decay ends with the budget."""
     real_step, calls = FamTrainer.train_step, []
 
-    def slowing_steps(self, tokens, labels):
-        result = real_step(self, tokens, labels)
+    def slowing_steps(self, tokens, labels, **kwargs):
+        result = real_step(self, tokens, labels, **kwargs)
         calls.append(1)
         result.seconds = 1.0 if len(calls) <= 10 else 3.0
         return result
@@ -253,6 +253,33 @@ def test_chat_batches_train_and_are_logged(tiny_llama_dir, tmp_path):
     log = [json.loads(line) for line in cfg.paths()[2].read_text().splitlines()]
     assert result.steps == 6 and {r["data"] for r in log} == {"text", "chat"}
     assert all(r["loss"] > 0 for r in log)
+
+
+def test_fresh_chat_starts_chat_batches_from_fam0_and_others_from_the_carry(tiny_llama_dir, tmp_path, monkeypatch):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hello there"},
+                                             {"role": "assistant", "content": "hi, how are you"}]}) + "\n")
+    cfg = config(tiny_llama_dir, tmp_path, passkey=False, chat_data=str(chat), chat_fraction=0.5, fresh_chat=True,
+                 rsp_prob=1.0, steps=8, checkpoint_every=0)
+    real_start, starts = FamTrainer.start_fam, []
+
+    def recording_start(self, batch, carry=True):
+        start, fresh = real_start(self, batch, carry)
+        starts.append((self.carried is not None, bool(fresh.all()), bool((~fresh).all())))
+        return start, fresh
+
+    monkeypatch.setattr(trainer_module.FamTrainer, "start_fam", recording_start)
+    train(cfg, progress=False)
+    kinds = [json.loads(line)["data"] for line in cfg.paths()[2].read_text().splitlines()]
+    assert {"text", "chat"} <= set(kinds[1:])
+    for kind, (had_carry, all_fresh, all_carried) in list(zip(kinds, starts))[1:]:  # step 1 has nothing to carry
+        assert had_carry
+        assert all_fresh if kind == "chat" else all_carried, kind  # rsp_prob 1: every other row carries
+
+
+def test_fresh_chat_needs_chat_batches(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="fresh_chat"):
+        config(tiny_llama_dir, tmp_path, fresh_chat=True)
 
 
 def _distilling_trainer(tiny_llama_dir, distill_weight: float, lr: float = 1e-3):
