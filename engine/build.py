@@ -4,6 +4,7 @@ given, and the attention mode resolved (FAM with a trained adapter, otherwise BS
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,9 +39,25 @@ def resolve_mode(fam: FamConfig, mode: str | None, has_adapter: bool) -> FamConf
     return replace(fam, mode=chosen)
 
 
+# The attention shape an adapter was trained with, which it brings when the user does not choose one.
+ADAPTER_SHAPE = ("block_size", "memory_blocks", "sink_tokens")
+
+
+def requested_fam(block_size: int | None = None, memory_blocks: int | None = None, sink_tokens: int | None = None,
+                  **fixed) -> tuple[FamConfig, frozenset[str]]:
+    """(FamConfig, the ADAPTER_SHAPE fields not given) from L, M and S as a user gave them (None: not given, so the
+    loaded adapter's trained value, else FamConfig's default) and the other FamConfig fields (`fixed`)."""
+    given = {name: value for name, value in zip(ADAPTER_SHAPE, (block_size, memory_blocks, sink_tokens))
+             if value is not None}
+    return FamConfig(**given, **fixed), frozenset(ADAPTER_SHAPE) - given.keys()
+
+
 def load_model(spec: str | Path, fam: FamConfig | None = None, mode: str | None = None,
-               engine: EngineConfig | None = None, adapter_path: str | Path | None = None) -> LoadedModel:
-    """Load `spec` (a path or an alias such as "smollm2-135m") as a streaming FAM model."""
+               engine: EngineConfig | None = None, adapter_path: str | Path | None = None,
+               shape_from_adapter: Collection[str] = ()) -> LoadedModel:
+    """Load `spec` (a path or an alias such as "smollm2-135m") as a streaming FAM model. shape_from_adapter names
+    fields of ADAPTER_SHAPE the user left unset: a loaded adapter replaces them with the values it was trained with
+    (an adapter trained at L=64 M=0 runs at L=64 M=0 unless told otherwise)."""
     engine = engine or EngineConfig()
     dtype = DTYPES[engine.dtype]
     adapter = FamAdapter.load(adapter_path) if adapter_path else None  # a bad file fails before the big load
@@ -48,7 +65,8 @@ def load_model(spec: str | Path, fam: FamConfig | None = None, mode: str | None 
     fam = resolve_mode(fam or FamConfig(), mode, adapter is not None)
     if adapter is not None:
         adapter.check_compatible(ckpt.config)
-        fam = replace(fam, fam_length=adapter.fam_length)
+        from_adapter = {name: getattr(adapter, name) for name in ADAPTER_SHAPE if name in shape_from_adapter}
+        fam = replace(fam, fam_length=adapter.fam_length, **from_adapter)
         trained = (adapter.block_size, adapter.memory_blocks, adapter.sink_tokens)
         if fam.mode == "fam" and (fam.block_size, fam.memory_blocks, fam.sink_tokens) != trained:
             log.warning("FAM adapter %s was trained with L=%d M=%d S=%d, running with L=%d M=%d S=%d: FAM may "

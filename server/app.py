@@ -21,8 +21,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from famserve.engine.build import LoadedModel, load_model
-from famserve.engine.config import EngineConfig, FamConfig
+from famserve.engine.build import LoadedModel, load_model, requested_fam
+from famserve.engine.config import EngineConfig
 from famserve.engine.engine import AsyncEngine, LLMEngine
 from famserve.engine.errors import FamserveError
 from famserve.engine.structured import GrammarCompiler
@@ -93,10 +93,9 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 
 def load_model_from_settings(settings: Settings) -> LoadedModel:
-    fam = FamConfig(block_size=settings.block_size, memory_blocks=settings.memory_blocks,
-                    fam_length=settings.fam_length, sink_tokens=settings.sink_tokens,
-                    full_context_tokens=settings.full_context_tokens)
-    return load_model(settings.model, fam, settings.mode, engine_config(settings), settings.fam_adapter)
+    fam, unset = requested_fam(settings.block_size, settings.memory_blocks, settings.sink_tokens,
+                               fam_length=settings.fam_length, full_context_tokens=settings.full_context_tokens)
+    return load_model(settings.model, fam, settings.mode, engine_config(settings), settings.fam_adapter, unset)
 
 
 def _lifespan(settings: Settings, loaded_model: LoadedModel | None,

@@ -16,10 +16,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="HF folder, GGUF file, or alias (smollm2-135m)")
     p.add_argument("--mode", choices=["fam", "bswa", "full"], default=None,
                    help="attention mode (default: fam with a trained adapter, else bswa)")
-    p.add_argument("--block-size", type=int, default=1024, help="L: tokens per block")
-    p.add_argument("--memory-blocks", type=int, default=3, help="M: previous blocks visible")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="L: tokens per block (default: the FAM adapter's trained L, else 1024)")
+    p.add_argument("--memory-blocks", type=int, default=None,
+                   help="M: previous blocks visible (default: the FAM adapter's trained M, else 3)")
     p.add_argument("--fam-length", type=int, default=64, help="F: feedback-memory rows per layer")
-    p.add_argument("--sink-tokens", type=int, default=4, help="S: attention-sink tokens kept visible")
+    p.add_argument("--sink-tokens", type=int, default=None,
+                   help="S: attention-sink tokens kept visible (default: the FAM adapter's trained S, else 4)")
     p.add_argument("--fam-adapter", default=None, help="trained FAM adapter (safetensors)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -28,8 +31,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from famserve.engine.build import load_model
-    from famserve.engine.config import EngineConfig, FamConfig
+    from famserve.engine.build import load_model, requested_fam
+    from famserve.engine.config import EngineConfig
     from famserve.engine.errors import FamserveError
     from famserve.engine.runner import ModelRunner
     from famserve.engine.sampling import Sampler, SamplingParams, SamplingState
@@ -37,10 +40,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from famserve.engine.tokenizer import IncrementalDetokenizer
 
     try:
-        fam = FamConfig(block_size=args.block_size, memory_blocks=args.memory_blocks, fam_length=args.fam_length,
-                        sink_tokens=args.sink_tokens)
+        fam, unset = requested_fam(args.block_size, args.memory_blocks, args.sink_tokens, fam_length=args.fam_length)
         loaded = load_model(args.model, fam, args.mode, EngineConfig(device=args.device, dtype=args.dtype),
-                            args.fam_adapter)
+                            args.fam_adapter, unset)
         text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
         tok = loaded.tokenizer
         prompt = tok.apply_chat_template([{"role": "user", "content": text}]) if args.chat else tok.encode(text)

@@ -34,10 +34,14 @@ class Settings(BaseSettings):
         None, description="name clients pass as `model` and /v1/models lists (default: the model's own id)")
     mode: Literal["fam", "bswa", "full"] | None = Field(
         None, description="attention mode (default: fam with a trained adapter, else bswa)")
-    block_size: int = Field(1024, gt=0, description="L: tokens per block")
-    memory_blocks: int = Field(3, ge=0, description="M: previous blocks visible to a block")
-    fam_length: int = Field(64, ge=0, description="F: feedback-memory rows per layer (fam mode)")
-    sink_tokens: int = Field(4, ge=0, description="S: attention-sink tokens kept visible (fam and bswa modes)")
+    block_size: int | None = Field(None, gt=0, description="L: tokens per block (default: the FAM adapter's "
+                                                           "trained L, else 1024)")
+    memory_blocks: int | None = Field(None, ge=0, description="M: previous blocks visible to a block (default: the "
+                                                              "FAM adapter's trained M, else 3)")
+    fam_length: int = Field(64, ge=0, description="F: feedback-memory rows per layer (fam mode; an adapter sets "
+                                                  "its own)")
+    sink_tokens: int | None = Field(None, ge=0, description="S: attention-sink tokens kept visible, fam and bswa modes "
+                                                            "(default: the FAM adapter's trained S, else 4)")
     full_context_tokens: int = Field(8192, gt=0, description="context preallocated per request in full mode, in tokens")
     fam_adapter: Path | None = Field(None, description="trained FAM adapter (safetensors) to load: its FAM prompt, "
                                                        "and LoRA merged into the weights or kept for the FAM rows")

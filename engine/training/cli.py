@@ -28,13 +28,25 @@ def _csv(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _add_attention_args(p: argparse.ArgumentParser, fam_length: int = 64, block_size: int = 1024,
-                        memory_blocks: int = 3) -> None:
+def _add_attention_args(p: argparse.ArgumentParser, shape_from_adapter: bool = False) -> None:
+    """--model and L, M, F, S; with shape_from_adapter, L, M and S default to None: a --fam-adapter's trained
+    values, else FamConfig's defaults (build.requested_fam)."""
+    from famserve.engine.config import FamConfig
+
     p.add_argument("--model", default="smollm2-135m", help="HF folder, GGUF file, or alias (smollm2-135m)")
-    p.add_argument("--block-size", type=int, default=block_size, help="L: tokens per block")
-    p.add_argument("--memory-blocks", type=int, default=memory_blocks, help="M: previous blocks visible")
-    p.add_argument("--fam-length", type=int, default=fam_length, help="F: feedback-memory rows per layer")
-    p.add_argument("--sink-tokens", type=int, default=4, help="S: attention-sink tokens kept visible")
+    default = FamConfig()
+
+    def shape_arg(flag: str, name: str, help: str) -> None:
+        value = getattr(default, name)
+        if shape_from_adapter:
+            p.add_argument(flag, type=int, default=None, help=f"{help} (default: the adapter's, else {value})")
+        else:
+            p.add_argument(flag, type=int, default=value, help=f"{help} (default: {value})")
+
+    shape_arg("--block-size", "block_size", "L: tokens per block")
+    shape_arg("--memory-blocks", "memory_blocks", "M: previous blocks visible")
+    p.add_argument("--fam-length", type=int, default=default.fam_length, help="F: feedback-memory rows per layer")
+    shape_arg("--sink-tokens", "sink_tokens", "S: attention-sink tokens kept visible")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -189,7 +201,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
-    _add_attention_args(p)
+    _add_attention_args(p, shape_from_adapter=True)
     p.add_argument("--mode", type=_csv, default=[None],
                    help="comma-separated modes to compare: fam,bswa,full (default: fam with an adapter, else bswa)")
     p.add_argument("--fam-adapter", default=None, help="trained FAM adapter (safetensors)")
@@ -200,12 +212,13 @@ def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, mode: str):
-    from famserve.engine.build import load_model
-    from famserve.engine.config import EngineConfig, FamConfig
+    from famserve.engine.build import load_model, requested_fam
+    from famserve.engine.config import EngineConfig
 
-    fam = FamConfig(block_size=args.block_size, memory_blocks=args.memory_blocks, fam_length=args.fam_length,
-                    sink_tokens=args.sink_tokens, full_context_tokens=args.full_context_tokens)
-    return load_model(args.model, fam, mode, EngineConfig(device=args.device, dtype=args.dtype), args.fam_adapter)
+    fam, unset = requested_fam(args.block_size, args.memory_blocks, args.sink_tokens, fam_length=args.fam_length,
+                               full_context_tokens=args.full_context_tokens)
+    return load_model(args.model, fam, mode, EngineConfig(device=args.device, dtype=args.dtype), args.fam_adapter,
+                      unset)
 
 
 Row = tuple[list[str], dict]  # one line of the printed table and the JSON record it comes from

@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from famserve.server.app import load_model_from_settings
+from famserve.server.settings import Settings
 from server_process import TINY_MODEL_NAME, ServerProcess, tiny_server_args
 from tiny_models import make_tiny_model, save_tiny_folder
 
@@ -77,6 +79,19 @@ def test_served_adapter_answers_as_famserve_generate_does(adapter_server, tiny_l
     # The adapter is what makes this answer: the same FAM without it (untrained prompt, base weights) differs.
     untrained = generate(tiny_llama_dir, "--mode", "fam", "--fam-length", "4")
     assert untrained.stdout != local.stdout
+
+
+def test_an_adapter_brings_its_window_when_none_is_given(tiny_llama_dir, adapter):
+    with_flags = generate(tiny_llama_dir, "--fam-adapter", str(adapter))
+    out = famserve("generate", "--model", str(tiny_llama_dir), "--chat", "--prompt", QUESTION, "--max-tokens",
+                   str(MAX_TOKENS), "--fam-adapter", str(adapter))  # no --block-size, --memory-blocks, --sink-tokens
+    assert out.returncode == 0, out.stderr
+    assert f"mode {MODE}" in out.stderr and "trained with" not in out.stderr
+    assert out.stdout == with_flags.stdout
+    settings = Settings(model=str(tiny_llama_dir), fam_adapter=adapter)  # serve: the same defaults
+    assert load_model_from_settings(settings).model.fam_config.describe() == MODE
+    bigger = Settings(model=str(tiny_llama_dir), fam_adapter=adapter, block_size=64)  # a given value wins
+    assert load_model_from_settings(bigger).model.fam_config.describe() == "fam (L=64 M=1 F=4 S=2)"
 
 
 def test_models_and_startup_log_name_the_adapter(adapter_server, adapter):

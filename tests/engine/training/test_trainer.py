@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from famserve.engine.adapter import FamAdapter
-from famserve.engine.build import load_model
+from famserve.engine.build import ADAPTER_SHAPE, load_model, requested_fam
 from famserve.engine.config import FamConfig
 from famserve.engine.runner import ModelRunner
 from famserve.engine.training import trainer as trainer_module
@@ -216,6 +216,23 @@ def test_adapter_used_away_from_its_training_shape_warns(tiny_llama_dir, tmp_pat
     with caplog.at_level("WARNING", logger="famserve.engine.build"):
         load_model(tiny_llama_dir, FamConfig(block_size=32, memory_blocks=1, sink_tokens=2),
                    adapter_path=result.adapter_path)
+    assert any("trained with L=16 M=1 S=2, running with L=32 M=1 S=2" in r.getMessage() for r in caplog.records)
+
+
+def test_adapter_brings_its_training_shape_where_the_user_gave_none(tiny_llama_dir, tmp_path, caplog):
+    result = train(config(tiny_llama_dir, tmp_path, steps=1), progress=False)  # L=16 M=1 S=2 F=4
+    fam, unset = requested_fam(fam_length=64)
+    assert (fam.block_size, fam.memory_blocks, fam.sink_tokens) == (1024, 3, 4) and unset == set(ADAPTER_SHAPE)
+    with caplog.at_level("WARNING", logger="famserve.engine.build"):
+        loaded = load_model(tiny_llama_dir, fam, adapter_path=result.adapter_path, shape_from_adapter=unset)
+    assert loaded.model.fam_config.describe() == "fam (L=16 M=1 F=4 S=2)"
+    assert not [r for r in caplog.records if "trained with" in r.message]
+    assert load_model(tiny_llama_dir, fam, shape_from_adapter=unset).model.fam_config.describe() == \
+        "bswa (L=1024 M=3 S=4)"  # no adapter: the defaults
+    fam, unset = requested_fam(block_size=32, fam_length=64)  # L given: kept, with the warning; M and S: the adapter's
+    with caplog.at_level("WARNING", logger="famserve.engine.build"):
+        loaded = load_model(tiny_llama_dir, fam, adapter_path=result.adapter_path, shape_from_adapter=unset)
+    assert loaded.model.fam_config.describe() == "fam (L=32 M=1 F=4 S=2)"
     assert any("trained with L=16 M=1 S=2, running with L=32 M=1 S=2" in r.getMessage() for r in caplog.records)
 
 
