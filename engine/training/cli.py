@@ -36,12 +36,12 @@ def _add_attention_args(p: argparse.ArgumentParser, shape_from_adapter: bool = F
     p.add_argument("--model", default="smollm2-135m", help="HF folder, GGUF file, or alias (smollm2-135m)")
     default = FamConfig()
 
-    def shape_arg(flag: str, name: str, help: str) -> None:
+    def shape_arg(flag: str, name: str, meaning: str) -> None:
         value = getattr(default, name)
         if shape_from_adapter:
-            p.add_argument(flag, type=int, default=None, help=f"{help} (default: the adapter's, else {value})")
+            p.add_argument(flag, type=int, default=None, help=f"{meaning} (default: the adapter's, else {value})")
         else:
-            p.add_argument(flag, type=int, default=value, help=f"{help} (default: {value})")
+            p.add_argument(flag, type=int, default=value, help=f"{meaning} (default: {value})")
 
     shape_arg("--block-size", "block_size", "L: tokens per block")
     shape_arg("--memory-blocks", "memory_blocks", "M: previous blocks visible")

@@ -88,9 +88,9 @@ class FamTrainer:
         start = fam0[:, None].expand(-1, batch, -1, -1)  # (N, B, F, C)
         fresh = torch.ones(batch, dtype=torch.bool)
         if carry and self.carried is not None and self.carried.shape[1] == batch and self.rsp_prob > 0:
-            carry = torch.rand(batch, generator=self.generator) < self.rsp_prob
-            start = torch.where(carry.to(start.device)[None, :, None, None], self.carried, start)
-            fresh = ~carry
+            carried_rows = torch.rand(batch, generator=self.generator) < self.rsp_prob
+            start = torch.where(carried_rows.to(start.device)[None, :, None, None], self.carried, start)
+            fresh = ~carried_rows
         return start, fresh.to(fam0.device)
 
     def train_step(self, tokens: torch.Tensor, labels: torch.Tensor, carry_fam: bool = True) -> StepResult:
