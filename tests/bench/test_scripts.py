@@ -147,3 +147,20 @@ def test_server_concurrency_streams_from_a_real_famserve_server(tiny_llama_dir, 
                "--out", str(out))
     rows = json.loads(out.read_text())["results"]
     assert [(r["system"], r["streams"], r["complete"]) for r in rows] == [("famserve", 1, True), ("famserve", 2, True)]
+
+
+def test_engine_speed_targets_across_contexts_need_two_contexts():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import engine_speed
+
+    def row(system: str, context: int, decode: float) -> dict:
+        return {"system": system, "context_tokens": context, "decode_tok_s": {"median": decode},
+                "prefill_tok_s": {"median": 100.0}, "state_nbytes": 1000, "rss_bytes": 2000}
+
+    one = {t["target"]: t for t in engine_speed.targets([row("bswa", 65536, 10.0), row("fam", 65536, 9.0)])}
+    assert one["bswa: decode tok/s at 65536 >= 0.9x at 65536"]["value"] is None  # not a self-comparison
+    assert one["fam: state bytes at 65536 == at 65536"]["met"] is None
+    two = {t["target"]: t for t in engine_speed.targets([row("bswa", 1024, 10.0), row("bswa", 65536, 8.0)])}
+    assert two["bswa: decode tok/s at 65536 >= 0.9x at 1024"]["value"] == 0.8
+    assert two["bswa: decode tok/s at 65536 >= 0.9x at 1024"]["met"] is False
+    assert two["bswa: state bytes at 65536 == at 1024"]["met"] is True
