@@ -198,12 +198,36 @@ def default_prefill_tokens(device: str) -> int:
     return DEFAULT_PREFILL_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
 
 
+def resolve_device(device: str) -> str:
+    """A torch device name, with "auto" resolved: the first CUDA device when torch sees one, else the CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """A dtype name, with "auto" resolved for a (resolved) device: bfloat16 on CUDA devices that have it, float16 on
+    older ones (what GPU servers load a bf16 checkpoint as), and float32 on the CPU. bfloat16 is faster on CPUs with
+    AMX too (docs/benchmarks.md run L), but other CPUs were not measured, and float32 is what the exactness tests hold
+    against HF's logits: on the CPU it is asked for by name."""
+    if dtype != "auto":
+        return dtype
+    if not device.startswith("cuda"):
+        return "float32"
+    import torch
+
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Runtime choices of one engine instance."""
 
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights, activations and state
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...; "auto" is resolved on construction (resolve_device)
+    # weights, activations and state; "auto" is resolved on construction (resolve_dtype)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     max_running: int = 32  # streams decoded together in one step
     max_waiting: int = 256  # requests queued for a running slot, at most (more: QueueFullError)
     prefill_chunk_tokens: int | None = None  # most prompt tokens processed in one step; None: DEFAULT_PREFILL_TOKENS
@@ -220,7 +244,10 @@ class EngineConfig:
         return default_prefill_tokens(self.device)
 
     def __post_init__(self) -> None:
-        _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported dtype {self.dtype!r}")
+        # frozen: the resolved names replace "auto" once, so every reader sees the device and dtype actually used
+        object.__setattr__(self, "device", resolve_device(self.device))
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", f"unsupported dtype {self.dtype!r}")
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         _require(self.max_running > 0, "max_running", "must be positive")
         _require(self.max_waiting > 0, "max_waiting", "must be positive")
         _require(self.prefill_chunk_tokens is None or self.prefill_chunk_tokens > 0, "prefill_chunk_tokens",

@@ -24,8 +24,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink-tokens", type=int, default=None,
                    help="S: attention-sink tokens kept visible (default: the FAM adapter's trained S, else 4)")
     p.add_argument("--fam-adapter", default=None, help="trained FAM adapter (safetensors)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="auto",
+                   help="torch device: cpu, cuda, cuda:1, ... (default auto: CUDA when torch sees a GPU, else the CPU)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and state dtype (default auto: bfloat16 on a GPU, float16 on one without bf16, "
+                        "float32 on the CPU)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

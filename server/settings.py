@@ -45,8 +45,11 @@ class Settings(BaseSettings):
     full_context_tokens: int = Field(8192, gt=0, description="context preallocated per request in full mode, in tokens")
     fam_adapter: Path | None = Field(None, description="trained FAM adapter (safetensors) to load: its FAM prompt, "
                                                        "and LoRA merged into the weights or kept for the FAM rows")
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and state dtype")
+    device: str = Field("auto", description="torch device: cpu, cuda, cuda:1, ...; auto: CUDA when torch sees a GPU, "
+                                            "else the CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and state dtype; auto: bfloat16 on a GPU (float16 on one without bf16), float32 "
+                            "on the CPU (bfloat16 is faster on CPUs with AMX: ask for it)")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
     cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps and whole prompt blocks from CUDA "
                                                 "graphs, captured once per batch or stream (false: every step eager)")

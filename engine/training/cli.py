@@ -47,7 +47,8 @@ def _add_attention_args(p: argparse.ArgumentParser, shape_from_adapter: bool = F
     shape_arg("--memory-blocks", "memory_blocks", "M: previous blocks visible")
     p.add_argument("--fam-length", type=int, default=default.fam_length, help="F: feedback-memory rows per layer")
     shape_arg("--sink-tokens", "sink_tokens", "S: attention-sink tokens kept visible")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto",
+                   help="torch device: cpu, cuda, cuda:1, ... (default auto: CUDA when torch sees a GPU, else the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -115,6 +116,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from famserve.engine.config import resolve_device
     from famserve.engine.errors import FamserveError
     from famserve.engine.training.lora import ALL_TARGETS
     from famserve.engine.training.trainer import TrainConfig, train
@@ -136,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           sink_tokens=args.sink_tokens, rsp_prob=args.rsp_prob,
                           checkpoint_every=args.checkpoint_every, resume=args.resume,
                           init_adapter=args.init_adapter, seed=args.seed,
-                          device=args.device, grad_checkpoint=not args.no_grad_checkpoint,
+                          device=resolve_device(args.device), grad_checkpoint=not args.no_grad_checkpoint,
                           max_seconds=args.max_minutes * 60 if args.max_minutes else None,
                           precision=args.precision)
         result = train(cfg, progress=sys.stderr.isatty())
@@ -205,7 +207,9 @@ def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", type=_csv, default=[None],
                    help="comma-separated modes to compare: fam,bswa,full (default: fam with an adapter, else bswa)")
     p.add_argument("--fam-adapter", default=None, help="trained FAM adapter (safetensors)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and state dtype (default auto: bfloat16 on a GPU, float16 on one without bf16, "
+                        "float32 on the CPU)")
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="tokens per engine step (default: the engine's for the device, 512 on CPU, 8192 on CUDA)")
     p.add_argument("--full-context-tokens", type=int, default=8192, help="full mode: preallocated context")
@@ -230,9 +234,10 @@ def _run_eval(args: argparse.Namespace, title: str, columns: list[str], payload:
     table and write payload as JSON (exit 2 with a message, and no file, if loading or evaluating fails)."""
     from famserve.engine.errors import FamserveError
 
-    from famserve.engine.config import default_prefill_tokens
+    from famserve.engine.config import default_prefill_tokens, resolve_device
 
     _set_threads(args.threads)
+    args.device = resolve_device(args.device)
     args.chunk_tokens = args.chunk_tokens or default_prefill_tokens(args.device)
     rows: list[list[str]] = []
     payload.update(model=args.model, adapter=args.fam_adapter, results=[])

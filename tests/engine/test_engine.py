@@ -244,6 +244,19 @@ def test_engine_config_carries_the_limits(model):
         EngineConfig(prefill_chunk_tokens=0)
 
 
+def test_auto_device_and_dtype_resolve_to_what_this_machine_runs():
+    # GPU servers load a checkpoint on the GPU in bf16 unasked; on the CPU float32 stays (AMX-less CPUs unmeasured).
+    gpu = torch.cuda.is_available()
+    auto = EngineConfig(device="auto", dtype="auto")
+    assert (auto.device, auto.dtype) == (("cuda", "bfloat16") if gpu else ("cpu", "float32"))
+    assert EngineConfig(device="cpu", dtype="auto").dtype == "float32"
+    assert EngineConfig(device="auto", dtype="float16").dtype == "float16"  # a named dtype is kept
+    assert EngineConfig(device="cuda:1", dtype="auto").dtype in ("bfloat16", "float16")
+    assert EngineConfig(device="auto").prefill_tokens == (8192 if gpu else 512)  # the resolved device's default
+    with pytest.raises(ValueError, match="dtype"):
+        EngineConfig(dtype="int8")
+
+
 def test_stats_count_tokens_fam_updates_steps_and_queue_time(model):
     engine = LLMEngine(model, eos_token_ids=[])
     out = run_all(engine, [GenerationRequest("a", prompt(13, 4), SamplingParams(max_tokens=6, temperature=0))])

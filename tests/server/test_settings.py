@@ -57,3 +57,14 @@ def test_readme_lists_every_flag() -> None:
     docs = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`--{name.replace('_', '-')}`" in docs, name
+
+
+def test_device_and_dtype_default_to_what_the_machine_runs() -> None:
+    import torch
+
+    from famserve.server.app import engine_config
+
+    engine = engine_config(parse_settings([]))
+    assert (engine.device, engine.dtype) == (("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32"))
+    engine = engine_config(parse_settings(["--dtype", "bfloat16", "--device", "cpu"]))
+    assert (engine.device, engine.dtype) == ("cpu", "bfloat16")
