@@ -9,26 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from famserve.engine.cli_args import add_model_args, add_serving_args, set_threads
 from famserve.engine.training.cli import add_eval_parser, add_train_parser
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="HF folder, GGUF file, or alias (smollm2-135m)")
-    p.add_argument("--mode", choices=["fam", "bswa", "full"], default=None,
-                   help="attention mode (default: fam with a trained adapter, else bswa)")
-    p.add_argument("--block-size", type=int, default=None,
-                   help="L: tokens per block (default: the FAM adapter's trained L, else 1024)")
-    p.add_argument("--memory-blocks", type=int, default=None,
-                   help="M: previous blocks visible (default: the FAM adapter's trained M, else 3)")
-    p.add_argument("--fam-length", type=int, default=64, help="F: feedback-memory rows per layer")
-    p.add_argument("--sink-tokens", type=int, default=None,
-                   help="S: attention-sink tokens kept visible (default: the FAM adapter's trained S, else 4)")
-    p.add_argument("--fam-adapter", default=None, help="trained FAM adapter (safetensors)")
-    p.add_argument("--device", default="auto",
-                   help="torch device: cpu, cuda, cuda:1, ... (default auto: CUDA when torch sees a GPU, else the CPU)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="weights and state dtype (default auto: bfloat16 on a GPU, float16 on one without bf16, "
-                        "float32 on the CPU)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -42,10 +24,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from famserve.engine.structured import GrammarCompiler, OutputFormat
     from famserve.engine.tokenizer import IncrementalDetokenizer
 
+    set_threads(args.threads)
     try:
         fam, unset = requested_fam(args.block_size, args.memory_blocks, args.sink_tokens, fam_length=args.fam_length)
-        loaded = load_model(args.model, fam, args.mode, EngineConfig(device=args.device, dtype=args.dtype),
-                            args.fam_adapter, unset)
+        engine = EngineConfig(device=args.device, dtype=args.dtype)  # "auto" resolved here
+        loaded = load_model(args.model, fam, args.mode, engine, args.fam_adapter, unset)
         text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
         tok = loaded.tokenizer
         prompt = tok.apply_chat_template([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
@@ -60,7 +43,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = loaded.model
-    print(f"[famserve] {loaded.model_id}, mode {model.fam_config.describe()}", file=sys.stderr)
+    print(f"[famserve] {loaded.model_id}, mode {model.fam_config.describe()}, {engine.device} {engine.dtype}, "
+          f"{torch.get_num_threads()} CPU threads", file=sys.stderr)
     runner, sampler = ModelRunner(model), Sampler(model.config.vocab_size)
     sampling = SamplingState(params, model.config.vocab_size, prompt, device=model.device, matcher=matcher)
     state = model.new_state()
@@ -102,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="warning")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="stream one completion from a model, no server")
-    add_model_args(gen)
+    add_model_args(gen, shape_from_adapter=True)
+    gen.add_argument("--mode", choices=["fam", "bswa", "full"], default=None,
+                     help="attention mode (default: fam with a trained adapter, else bswa)")
+    add_serving_args(gen)
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
     src.add_argument("--prompt-file")

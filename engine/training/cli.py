@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from famserve.engine.cli_args import add_model_args, add_serving_args, set_threads
+
 LORA_TARGETS_HELP = "comma-separated subset of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (default: all)"
 
 log = logging.getLogger(__name__)
@@ -28,35 +30,11 @@ def _csv(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _add_attention_args(p: argparse.ArgumentParser, shape_from_adapter: bool = False) -> None:
-    """--model and L, M, F, S; with shape_from_adapter, L, M and S default to None: a --fam-adapter's trained
-    values, else FamConfig's defaults (build.requested_fam)."""
-    from famserve.engine.config import FamConfig
-
-    p.add_argument("--model", default="smollm2-135m", help="HF folder, GGUF file, or alias (smollm2-135m)")
-    default = FamConfig()
-
-    def shape_arg(flag: str, name: str, meaning: str) -> None:
-        value = getattr(default, name)
-        if shape_from_adapter:
-            p.add_argument(flag, type=int, default=None, help=f"{meaning} (default: the adapter's, else {value})")
-        else:
-            p.add_argument(flag, type=int, default=value, help=f"{meaning} (default: {value})")
-
-    shape_arg("--block-size", "block_size", "L: tokens per block")
-    shape_arg("--memory-blocks", "memory_blocks", "M: previous blocks visible")
-    p.add_argument("--fam-length", type=int, default=default.fam_length, help="F: feedback-memory rows per layer")
-    shape_arg("--sink-tokens", "sink_tokens", "S: attention-sink tokens kept visible")
-    p.add_argument("--device", default="auto",
-                   help="torch device: cpu, cuda, cuda:1, ... (default auto: CUDA when torch sees a GPU, else the CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
 # --- famserve train ----------------------------------------------------------------------------------------------
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="fine-tune a model for FAM: FAM prompt + LoRA -> adapter file")
-    _add_attention_args(p)
+    add_model_args(p)
     p.add_argument("--data", nargs="*", default=[], metavar="FILE", help="text files (UTF-8)")
     p.add_argument("--passkey", action="store_true", help="train on PassKey prompts (filler from --data if given)")
     p.add_argument("--passkey-fraction", type=float, default=0.5, help="share of PassKey batches when both")
@@ -121,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from famserve.engine.training.lora import ALL_TARGETS
     from famserve.engine.training.trainer import TrainConfig, train
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     try:
         cfg = TrainConfig(model=args.model, out=args.out, data=tuple(args.data), passkey=args.passkey,
                           passkey_fraction=args.passkey_fraction, passkey_start_step=args.passkey_start_step,
@@ -203,13 +181,10 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
-    _add_attention_args(p, shape_from_adapter=True)
+    add_model_args(p, shape_from_adapter=True)
     p.add_argument("--mode", type=_csv, default=[None],
                    help="comma-separated modes to compare: fam,bswa,full (default: fam with an adapter, else bswa)")
-    p.add_argument("--fam-adapter", default=None, help="trained FAM adapter (safetensors)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="weights and state dtype (default auto: bfloat16 on a GPU, float16 on one without bf16, "
-                        "float32 on the CPU)")
+    add_serving_args(p)
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="tokens per engine step (default: the engine's for the device, 512 on CPU, 8192 on CUDA)")
     p.add_argument("--full-context-tokens", type=int, default=8192, help="full mode: preallocated context")
@@ -236,7 +211,7 @@ def _run_eval(args: argparse.Namespace, title: str, columns: list[str], payload:
 
     from famserve.engine.config import default_prefill_tokens, resolve_device
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     args.device = resolve_device(args.device)
     args.chunk_tokens = args.chunk_tokens or default_prefill_tokens(args.device)
     rows: list[list[str]] = []
@@ -329,13 +304,6 @@ def cmd_eval_recall(args: argparse.Namespace) -> int:
     return _run_eval(args, "Recall past the window (NLL per token of the span)",
                      ["mode", "tokens", "trials", "first seen", "unseen (control)", "repeated", "recalled"],
                      {"task": "recall", "text": args.text}, per_mode)
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

@@ -14,9 +14,9 @@ def famserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_generate_on_the_tiny_model(tiny_llama_dir):
     out = famserve("generate", "--model", str(tiny_llama_dir), "--prompt", "hello there", "--max-tokens", "5",
-                   "--block-size", "8", "--memory-blocks", "1")
+                   "--block-size", "8", "--memory-blocks", "1", "--threads", "1")
     assert out.returncode == 0, out.stderr
-    assert "mode bswa (L=8 M=1 S=4)" in out.stderr
+    assert "mode bswa (L=8 M=1 S=4), cpu float32, 1 CPU threads" in out.stderr  # --dtype auto on the CPU: float32
     assert "tok/s" in out.stderr and "state" in out.stderr
 
 
