@@ -40,8 +40,9 @@ def test_settings_table_has_a_row_per_setting(name: str) -> None:
     ("port", "| `--port` | `FAMSERVE_PORT` | `8000` | TCP port to listen on |"),
     ("api_keys", ("| `--api-keys` | `FAMSERVE_API_KEYS` | none | accepted API keys, comma-separated; none = no "
                   "authentication |")),
-    ("dtype", ("| `--dtype` | `FAMSERVE_DTYPE` | `float32` | weights and state dtype; one of `float32`, `bfloat16`, "
-               "`float16` |")),
+    ("dtype", ("| `--dtype` | `FAMSERVE_DTYPE` | `auto` | weights and state dtype; auto: bfloat16 on a GPU (float16 on "
+               "one without bf16), float32 on the CPU (bfloat16 is faster on CPUs with AMX: ask for it); one of `auto`, "
+               "`float32`, `bfloat16`, `float16` |")),
     ("max_body_bytes", ("| `--max-body-bytes` | `FAMSERVE_MAX_BODY_BYTES` | `16777216` (16 MiB) | largest request "
                         "body, in bytes (larger: 413) |")),
 ])
