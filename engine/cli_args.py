@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from famserve.engine.config import resolve_device
+
 
 def add_model_args(p: argparse.ArgumentParser, shape_from_adapter: bool = False) -> None:
     """--model, L, M, F, S, --device and --threads; with shape_from_adapter, L, M and S default to None: a
@@ -26,7 +28,8 @@ def add_model_args(p: argparse.ArgumentParser, shape_from_adapter: bool = False)
     shape_arg("--memory-blocks", "memory_blocks", "M: previous blocks visible")
     p.add_argument("--fam-length", type=int, default=default.fam_length, help="F: feedback-memory rows per layer")
     shape_arg("--sink-tokens", "sink_tokens", "S: attention-sink tokens kept visible")
-    p.add_argument("--device", default="auto",
+    # argparse passes a string default through type too, so args.device never holds "auto"
+    p.add_argument("--device", default="auto", type=resolve_device,
                    help="torch device: cpu, cuda, cuda:1, ... (default auto: CUDA when torch sees a GPU, else the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 

@@ -94,7 +94,6 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from famserve.engine.config import resolve_device
     from famserve.engine.errors import FamserveError
     from famserve.engine.training.lora import ALL_TARGETS
     from famserve.engine.training.trainer import TrainConfig, train
@@ -116,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           sink_tokens=args.sink_tokens, rsp_prob=args.rsp_prob,
                           checkpoint_every=args.checkpoint_every, resume=args.resume,
                           init_adapter=args.init_adapter, seed=args.seed,
-                          device=resolve_device(args.device), grad_checkpoint=not args.no_grad_checkpoint,
+                          device=args.device, grad_checkpoint=not args.no_grad_checkpoint,
                           max_seconds=args.max_minutes * 60 if args.max_minutes else None,
                           precision=args.precision)
         result = train(cfg, progress=sys.stderr.isatty())
@@ -209,10 +208,9 @@ def _run_eval(args: argparse.Namespace, title: str, columns: list[str], payload:
     table and write payload as JSON (exit 2 with a message, and no file, if loading or evaluating fails)."""
     from famserve.engine.errors import FamserveError
 
-    from famserve.engine.config import default_prefill_tokens, resolve_device
+    from famserve.engine.config import default_prefill_tokens
 
     set_threads(args.threads)
-    args.device = resolve_device(args.device)
     args.chunk_tokens = args.chunk_tokens or default_prefill_tokens(args.device)
     rows: list[list[str]] = []
     payload.update(model=args.model, adapter=args.fam_adapter, results=[])
