@@ -1,6 +1,7 @@
 """FamAdapter: the only weights FAM adds to a checkpoint — a FAM prompt P (F x C) and optional LoRA deltas — in one
-safetensors file whose metadata names the base model. LoRA on every row is merged into the weights at load time;
-LoRA on the FAM rows only (fam_lora.py) is installed beside them, unmerged."""
+safetensors file whose metadata names the base model. LoRA on every row is merged into the weights at load time,
+except under FamConfig.fam_after_window, where the window's tokens keep the base weights: it then runs unmerged
+(fam_lora.py) for the FAM rows and the tokens past the window; LoRA on the FAM rows only is installed unmerged."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class FamAdapter:
     # the same, for the deltas that only the FAM rows use (FamLoRA)
     fam_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     source: str | None = None  # the file it was loaded from, for error messages
+    fam_after_window: bool = False  # trained with tokens reading the FAM only past the window (FamConfig)
 
     @property
     def fam_length(self) -> int:
@@ -46,7 +48,7 @@ class FamAdapter:
                 tensors[f"{prefix}.{name}.B"] = b.contiguous().float().cpu()
         meta = {"format": FORMAT, "base_fingerprint": self.base_fingerprint, "base_model_id": self.base_model_id,
                 "fam": json.dumps({"block_size": self.block_size, "memory_blocks": self.memory_blocks,
-                                   "sink_tokens": self.sink_tokens}),
+                                   "sink_tokens": self.sink_tokens, "fam_after_window": self.fam_after_window}),
                 "lora_scale": str(self.lora_scale)}
         save_file(tensors, str(path), metadata=meta)
 
@@ -73,7 +75,8 @@ class FamAdapter:
                     pairs[name] = (tensors[key], tensors[f"{prefix}{name}.B"])
         return cls(tensors["fam_prompt"], meta["base_fingerprint"], meta.get("base_model_id", "?"),
                    int(fam["block_size"]), int(fam["memory_blocks"]), int(fam["sink_tokens"]), lora,
-                   float(meta.get("lora_scale", 1.0)), fam_lora, source=str(path))
+                   float(meta.get("lora_scale", 1.0)), fam_lora, source=str(path),
+                   fam_after_window=bool(fam.get("fam_after_window", False)))
 
     def check_compatible(self, model: ModelConfig) -> None:
         where = f" (adapter file {self.source})" if self.source else ""
@@ -86,7 +89,15 @@ class FamAdapter:
                                   f"{model.hidden_size}{where}")
 
     def merge_into(self, model: torch.nn.Module) -> None:
-        """Add each LoRA delta B @ A * scale to its linear weight, install the FAM-row LoRA and the FAM prompt."""
+        """Add each LoRA delta B @ A * scale to its linear weight, install the FAM-row LoRA and the FAM prompt.
+        Under fam_after_window (model.fam_config) the every-row LoRA is installed unmerged instead."""
+        if self.lora and model.fam_config.gates_fam:
+            if self.fam_lora:
+                raise CheckpointError(f"FAM adapter {self.source}: LoRA on every row and on the FAM rows both; "
+                                      "fam_after_window supports one kind at a time")
+            model.set_fam_lora(self._fam_lora(model, self.lora), after_window=True)
+            model.set_fam_prompt(self.fam_prompt)
+            return
         modules = dict(model.named_modules())
         with torch.no_grad():
             for name, (a, b) in self.lora.items():
@@ -95,9 +106,11 @@ class FamAdapter:
                     raise CheckpointError(f"FAM adapter targets {name!r}, which is not a linear layer of this model")
                 linear.weight += (b.float() @ a.float() * self.lora_scale).to(linear.weight.dtype)
         if self.fam_lora:
-            try:
-                fam_lora = FamLoRA.from_pairs(model, self.fam_lora, self.lora_scale, self.source or "FAM adapter")
-            except (ValueError, KeyError, AttributeError) as e:
-                raise CheckpointError(f"FAM adapter's FAM-row LoRA does not fit this model: {e}") from e
-            model.set_fam_lora(fam_lora)
+            model.set_fam_lora(self._fam_lora(model, self.fam_lora))
         model.set_fam_prompt(self.fam_prompt)
+
+    def _fam_lora(self, model: torch.nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> FamLoRA:
+        try:
+            return FamLoRA.from_pairs(model, pairs, self.lora_scale, self.source or "FAM adapter")
+        except (ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"FAM adapter's LoRA does not fit this model: {e}") from e

@@ -40,16 +40,22 @@ def resolve_mode(fam: FamConfig, mode: str | None, has_adapter: bool) -> FamConf
 
 
 # The attention shape an adapter was trained with, which it brings when the user does not choose one.
-ADAPTER_SHAPE = ("block_size", "memory_blocks", "sink_tokens")
+ADAPTER_SHAPE = ("block_size", "memory_blocks", "sink_tokens", "fam_after_window")
 
 
 def requested_fam(block_size: int | None = None, memory_blocks: int | None = None, sink_tokens: int | None = None,
-                  **fixed) -> tuple[FamConfig, frozenset[str]]:
-    """(FamConfig, the ADAPTER_SHAPE fields not given) from L, M and S as a user gave them (None: not given, so the
-    loaded adapter's trained value, else FamConfig's default) and the other FamConfig fields (`fixed`)."""
-    given = {name: value for name, value in zip(ADAPTER_SHAPE, (block_size, memory_blocks, sink_tokens))
-             if value is not None}
+                  fam_after_window: bool | None = None, **fixed) -> tuple[FamConfig, frozenset[str]]:
+    """(FamConfig, the ADAPTER_SHAPE fields not given) from L, M, S and fam_after_window as a user gave them (None:
+    not given, so the loaded adapter's trained value, else FamConfig's default) and the other FamConfig fields."""
+    values = (block_size, memory_blocks, sink_tokens, fam_after_window)
+    given = {name: value for name, value in zip(ADAPTER_SHAPE, values) if value is not None}
     return FamConfig(**given, **fixed), frozenset(ADAPTER_SHAPE) - given.keys()
+
+
+def _shape(fam: FamConfig | FamAdapter) -> str:
+    """The ADAPTER_SHAPE of a config or an adapter, as a warning names it."""
+    late = " (FAM read after the window)" if fam.fam_after_window else ""
+    return f"L={fam.block_size} M={fam.memory_blocks} S={fam.sink_tokens}{late}"
 
 
 def load_model(spec: str | Path, fam: FamConfig | None = None, mode: str | None = None,
@@ -67,11 +73,10 @@ def load_model(spec: str | Path, fam: FamConfig | None = None, mode: str | None 
         adapter.check_compatible(ckpt.config)
         from_adapter = {name: getattr(adapter, name) for name in ADAPTER_SHAPE if name in shape_from_adapter}
         fam = replace(fam, fam_length=adapter.fam_length, **from_adapter)
-        trained = (adapter.block_size, adapter.memory_blocks, adapter.sink_tokens)
-        if fam.mode == "fam" and (fam.block_size, fam.memory_blocks, fam.sink_tokens) != trained:
-            log.warning("FAM adapter %s was trained with L=%d M=%d S=%d, running with L=%d M=%d S=%d: FAM may "
-                        "work less well away from its training shape", adapter_path, *trained, fam.block_size,
-                        fam.memory_blocks, fam.sink_tokens)
+        trained, running = _shape(adapter), _shape(fam)
+        if fam.mode == "fam" and running != trained:
+            log.warning("FAM adapter %s was trained with %s, running with %s: FAM may work less well away from its "
+                        "training shape", adapter_path, trained, running)
     model = FamModel(ckpt.config, fam)
     weights = dict(ckpt.weights)
     if ckpt.config.tie_word_embeddings:

@@ -142,6 +142,11 @@ class FamConfig:
     fam_length: int = 64  # F, feedback-memory rows per layer (used in fam mode only)
     sink_tokens: int = 4  # S, first tokens kept visible forever (attention sinks); 0 turns it off
     full_context_tokens: int = 8192  # full mode only: the preallocated context, in tokens
+    # fam mode only: a stream's tokens read the FAM, and a FAM adapter's LoRA applies to them, only once a block has
+    # left its window (blocks M+1, M+2, ...); until then the stream is BSWA with the base weights exactly, and the
+    # FAM only takes in the blocks. A deviation from the paper, where tokens always read the FAM: a conversation
+    # that fits in the window is answered as BSWA answers it, and FAM only has to carry what fell out of it.
+    fam_after_window: bool = False
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"{self.mode!r} is not one of {', '.join(MODES)}")
@@ -163,6 +168,11 @@ class FamConfig:
         return 0 if self.mode == "full" else self.sink_tokens
 
     @property
+    def gates_fam(self) -> bool:
+        """Whether tokens wait for the window to move before reading the FAM (fam_after_window, in fam mode)."""
+        return self.fam_after_window and self.mode == "fam"
+
+    @property
     def ring_blocks(self) -> int:
         """Blocks in the key/value ring: the M memory blocks plus the block being filled."""
         if self.mode == "full":
@@ -178,7 +188,8 @@ class FamConfig:
         if self.mode == "full":
             return f"full (causal attention, up to {self.max_tokens} tokens)"
         fam = f" F={self.fam_length}" if self.mode == "fam" else ""
-        return f"{self.mode} (L={self.block_size} M={self.memory_blocks}{fam} S={self.sink_tokens})"
+        late = "; FAM read after the window" if self.gates_fam else ""
+        return f"{self.mode} (L={self.block_size} M={self.memory_blocks}{fam} S={self.sink_tokens}{late})"
 
 
 # The state byte budget when EngineConfig.state_memory_bytes is None. On CPU a fixed 4 GiB: about 21 streams of

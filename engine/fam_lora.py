@@ -32,14 +32,18 @@ class LayerDelta(nn.Module):
         self.a = nn.ParameterDict({n: nn.Parameter(torch.zeros(rank, i)) for n, (i, _) in shapes.items()})
         self.b = nn.ParameterDict({n: nn.Parameter(torch.zeros(o, rank)) for n, (_, o) in shapes.items()})
 
-    def project(self, name: str, linear: nn.Linear, x: torch.Tensor, first: int = 0) -> torch.Tensor:
-        """linear(x) plus this layer's delta on `name`, if it has one, on rows first.. only (the FAM rows of a
-        pass that also carries token rows before them)."""
+    def project(self, name: str, linear: nn.Linear, x: torch.Tensor, rows: int | torch.Tensor = 0) -> torch.Tensor:
+        """linear(x) plus this layer's delta on `name`, if it has one, on some rows only: rows first.. for an int
+        (the FAM rows of a pass that also carries token rows before them), or where a (T,) bool tensor is true
+        (token rows of streams past their window as well, FamConfig.fam_after_window)."""
         y = linear(x)
         if name not in self.a:
             return y
-        delta = fn.linear(fn.linear(x[first:], self.a[name]), self.b[name]) * self.scale
-        return y + delta if first == 0 else torch.cat([y[:first], y[first:] + delta])
+        if isinstance(rows, torch.Tensor):
+            delta = fn.linear(fn.linear(x, self.a[name]), self.b[name]) * self.scale
+            return y + delta * rows[:, None].to(delta.dtype)
+        delta = fn.linear(fn.linear(x[rows:], self.a[name]), self.b[name]) * self.scale
+        return y + delta if rows == 0 else torch.cat([y[:rows], y[rows:] + delta])
 
 
 class FamLoRA(nn.Module):

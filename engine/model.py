@@ -47,9 +47,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, delta: LayerDelta | None = None,
-            delta_from: int = 0):
+            delta_from: int | torch.Tensor = 0):
         """x (T, C) normed -> q (T, H, D) and k (T, Hkv, D) rotated, v (T, Hkv, D), and the unrotated k.
-        `delta`: the layer's FAM-row LoRA (fam_lora.py), applied to the FAM rows, rows delta_from.. of x."""
+        `delta`: the layer's FAM-row LoRA (fam_lora.py), applied to rows delta_from.. of x (the FAM rows), or to
+        the rows where a bool tensor delta_from is true (LayerDelta.project)."""
         t = x.shape[0]
         q = _project(self.q_proj, "q_proj", x, delta, delta_from).view(t, self.num_heads, self.head_dim)
         k_raw, v = self._kv_raw(x, delta, delta_from)
@@ -60,14 +61,15 @@ class Attention(nn.Module):
         k_raw, v = self._kv_raw(x, delta, 0)
         return rotate(k_raw, cos, sin), v
 
-    def _kv_raw(self, x: torch.Tensor, delta: LayerDelta | None, delta_from: int):
+    def _kv_raw(self, x: torch.Tensor, delta: LayerDelta | None, delta_from: int | torch.Tensor):
         t = x.shape[0]
         k_raw = _project(self.k_proj, "k_proj", x, delta, delta_from).view(t, self.num_kv_heads, self.head_dim)
         v = _project(self.v_proj, "v_proj", x, delta, delta_from).view(t, self.num_kv_heads, self.head_dim)
         return k_raw, v
 
 
-def _project(linear: nn.Linear, name: str, x: torch.Tensor, delta: LayerDelta | None, delta_from: int = 0):
+def _project(linear: nn.Linear, name: str, x: torch.Tensor, delta: LayerDelta | None,
+             delta_from: int | torch.Tensor = 0):
     return linear(x) if delta is None else delta.project(name, linear, x, delta_from)
 
 
@@ -78,7 +80,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, delta: LayerDelta | None = None, delta_from: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, delta: LayerDelta | None = None,
+                delta_from: int | torch.Tensor = 0) -> torch.Tensor:
         gate = _project(self.gate_proj, "gate_proj", x, delta, delta_from)
         hidden = fn.silu(gate) * _project(self.up_proj, "up_proj", x, delta, delta_from)
         return _project(self.down_proj, "down_proj", hidden, delta, delta_from)
@@ -93,7 +96,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def finish(self, residual: torch.Tensor, attn: torch.Tensor, delta: LayerDelta | None = None,
-               delta_from: int = 0) -> torch.Tensor:
+               delta_from: int | torch.Tensor = 0) -> torch.Tensor:
         """attn (T, H*D) attention output -> the layer's output rows, given the attention residual (`delta`: as
         in Attention.qkv)."""
         h = residual + _project(self.self_attn.o_proj, "o_proj", attn, delta, delta_from)
@@ -156,6 +159,7 @@ class FamModel(nn.Module):
         self.rotary = Rotary(cfg)
         self._blank: FamState | None = None  # a fresh stream's state (holds FAM_0), built once
         self.fam_lora: FamLoRA | None = None  # deltas for the FAM rows only (an adapter's), see set_fam_lora
+        self.lora_after_window = False  # fam_lora also applies to the tokens of streams past their window
 
     # --- weights ------------------------------------------------------------------------------------------------
 
@@ -207,14 +211,37 @@ class FamModel(nn.Module):
         self._fam_prompt = prompt
         self._blank = None
 
-    def set_fam_lora(self, fam_lora: FamLoRA | None) -> None:
-        """Use these FAM-row deltas (on the model's device and dtype) from the next fresh state on."""
+    def set_fam_lora(self, fam_lora: FamLoRA | None, after_window: bool = False) -> None:
+        """Use these FAM-row deltas (on the model's device and dtype) from the next fresh state on; after_window:
+        the tokens of a stream take them too once a block has left its window (an adapter's every-row LoRA under
+        FamConfig.fam_after_window, which cannot be merged into weights the window's tokens must keep)."""
         self.fam_lora = None if fam_lora is None else fam_lora.to(device=self.device, dtype=self.dtype)
+        self.lora_after_window = after_window and fam_lora is not None
         self._blank = None
 
     def fam_delta(self, layer: int) -> LayerDelta | None:
         """The FAM-row LoRA of one layer, or None (the FAM rows then use the base weights)."""
         return None if self.fam_lora is None else self.fam_lora.layers[layer]
+
+    def fam_visible(self, block: int) -> bool:
+        """Whether the tokens of 0-based block `block` read the FAM: always, unless FamConfig.fam_after_window
+        holds them off until a block has left the window (block > M)."""
+        return not self.fam_config.gates_fam or block > self.layout.memory_blocks
+
+    def _delta_rows(self, plans: list["_PiecePlan"], num_fam_rows: int) -> int | torch.Tensor | None:
+        """Which rows of a step (the pieces' tokens, then num_fam_rows FAM rows) take the FAM LoRA, in
+        LayerDelta.project's terms; None when none does."""
+        if self.fam_lora is None:
+            return None
+        lay = self.layout
+        late = [self.lora_after_window and self.fam_visible(p.start // lay.block_size) for p in plans]
+        if all(late):
+            return 0
+        n_tok = sum(p.size for p in plans)
+        if not any(late):
+            return n_tok if num_fam_rows else None
+        flags = [flag for p, flag in zip(plans, late) for _ in range(p.size)] + [True] * num_fam_rows
+        return torch.tensor(flags, device=self.device)
 
     # --- states --------------------------------------------------------------------------------------------------
 
@@ -252,7 +279,7 @@ class FamModel(nn.Module):
             k, v = layer.self_attn.kv(layer.input_layernorm(state.fam[l]), cos, sin, self.fam_delta(l))
             state.k[l, :, lay.num_sinks:lay.ring_start] = k.transpose(0, 1)
             state.v[l, :, lay.num_sinks:lay.ring_start] = v.transpose(0, 1)
-        state.key_pos[lay.num_sinks:lay.ring_start] = pos
+        state.key_pos[lay.num_sinks:lay.ring_start] = pos if self.fam_visible(b // lay.block_size) else EMPTY
 
     # --- the streaming step --------------------------------------------------------------------------------------
 
@@ -272,11 +299,12 @@ class FamModel(nn.Module):
             next_cos, next_sin = self.rotary.cos_sin(torch.cat([p.fam_pos for p in closing]) + lay.block_size,
                                                      self.dtype)
         x = self.model.embed_tokens(torch.cat([p.token_ids for p in pieces]).to(self.device))  # (sum T, C)
+        delta_rows = self._delta_rows(plans, len(closing) * lay.num_fam)
         for l, layer in enumerate(self.model.layers):
-            delta = self.fam_delta(l) if closing else None
+            delta = None if delta_rows is None else self.fam_delta(l)
             fam = [p.state.fam[l] for p in closing]  # FAM_prev rows entering this layer, (F, C) each
             h = torch.cat([x, *fam]) if closing else x
-            q, k, v, k_raw = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin, delta, n_tok)
+            q, k, v, k_raw = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin, delta, delta_rows)
             outs, fam_outs, row, fam_row = [], [], 0, n_tok
             for p in plans:
                 st, t = p.state, p.size
@@ -294,11 +322,11 @@ class FamModel(nn.Module):
                 fam_outs.append(out[t:])
                 row += t
             if not closing:
-                x = layer.finish(x, torch.cat(outs))
+                x = layer.finish(x, torch.cat(outs), delta, delta_rows)
                 continue
             # The first update's residual is zeros: FAM_0 carries no context (paper B.1).
             residual = [torch.zeros_like(f) if p.state.num_fam_updates == 0 else f for p, f in zip(closing, fam)]
-            out = layer.finish(torch.cat([x, *residual]), torch.cat(outs + fam_outs), delta, n_tok)
+            out = layer.finish(torch.cat([x, *residual]), torch.cat(outs + fam_outs), delta, delta_rows)
             x, new_fam = out[:n_tok], out[n_tok:]
             fam_k, fam_v = layer.self_attn.kv(layer.input_layernorm(new_fam), next_cos, next_sin, delta)
             for j, p in enumerate(closing):
@@ -309,7 +337,8 @@ class FamModel(nn.Module):
         for p in plans:
             p.state.num_tokens += p.size
             if p.fam_pos is not None:
-                p.state.key_pos[lay.num_sinks:lay.ring_start] = p.fam_pos + lay.block_size
+                visible = self.fam_visible(p.state.num_tokens // lay.block_size)  # of the next block's tokens
+                p.state.key_pos[lay.num_sinks:lay.ring_start] = p.fam_pos + lay.block_size if visible else EMPTY
                 p.state.num_fam_updates += 1
             if p.state.num_tokens % lay.block_size == 0:
                 self._start_next_block(p.state)
@@ -332,16 +361,21 @@ class FamModel(nn.Module):
         for b, st in enumerate(states):
             st.key_pos.index_copy_(0, slot[b:b + 1], pos[b:b + 1])
             masks.append(st.key_pos[None, :] <= pos[b:b + 1, None])  # (1, K)
+        rows = None  # the streams past their window, whose tokens take the LoRA: those whose FAM slots are visible
+        if self.lora_after_window:
+            first_fam = self.layout.num_sinks
+            rows = torch.cat([st.key_pos[first_fam:first_fam + 1] < EMPTY for st in states])
         cos, sin = self.rotary.cos_sin(pos, self.dtype)
         x = self.model.embed_tokens(token)  # (B, C)
         for l, layer in enumerate(self.model.layers):
-            q, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+            delta = None if rows is None else self.fam_delta(l)
+            q, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin, delta, rows)
             outs = []
             for b, st in enumerate(states):
                 st.k[l].index_copy_(1, slot[b:b + 1], k[b:b + 1].transpose(0, 1))
                 st.v[l].index_copy_(1, slot[b:b + 1], v[b:b + 1].transpose(0, 1))
                 outs.append(attend(q[b:b + 1], st.k[l], st.v[l], masks[b]))
-            x = layer.finish(x, torch.cat(outs))
+            x = layer.finish(x, torch.cat(outs), delta, rows)
         return self.logits(x)
 
     def fits_decode_tokens(self, state: FamState) -> bool:
@@ -369,13 +403,14 @@ class FamModel(nn.Module):
             next_cos, next_sin = self.rotary.cos_sin(idx.fam_pos + size, self.dtype)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         x = self.model.embed_tokens(idx.token)  # (L, C)
+        rows = 0 if self.lora_after_window else size  # fits_fill_block: past the window, if the LoRA waits for it
         for l, layer in enumerate(self.model.layers):
             delta = self.fam_delta(l) if fam else None
             h = torch.cat([x, state.fam[l]]) if fam else x
-            q, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin, delta, size)
+            q, k, v, _ = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin, delta, rows)
             state.k[l].index_copy_(1, idx.slots, k[:size].transpose(0, 1))
             state.v[l].index_copy_(1, idx.slots, v[:size].transpose(0, 1))
-            h = layer.finish(h, attend(q, state.k[l], state.v[l], mask), delta, size)
+            h = layer.finish(h, attend(q, state.k[l], state.v[l], mask), delta, rows)
             x = h[:size]
             if fam:
                 fam_k, fam_v = layer.self_attn.kv(layer.input_layernorm(h[size:]), next_cos, next_sin, delta)
@@ -391,10 +426,12 @@ class FamModel(nn.Module):
     def fits_fill_block(self, state: FamState) -> bool:
         """Whether the stream's next whole block may go through fill_block: at a block boundary, past block 0 (the
         sinks are taken there, and the FAM's first update differs) and past the blocks before the window first
-        leaves block 0 (the sinks get placed from then on)."""
+        leaves block 0 (the sinks get placed from then on); under fam_after_window past block M too (its tokens do
+        not read the FAM yet)."""
         lay = self.layout
+        first = max(1, lay.memory_blocks) + (1 if self.fam_config.gates_fam else 0)
         return (self.fam_config.mode != "full" and state.num_tokens % lay.block_size == 0
-                and state.num_tokens // lay.block_size >= max(1, lay.memory_blocks))
+                and state.num_tokens // lay.block_size >= first)
 
     def block_indices(self, state: FamState, token_ids: torch.Tensor) -> BlockIndices:
         """The BlockIndices of the stream's next block, holding `token_ids` (L,)."""

@@ -122,6 +122,8 @@ class FamState:
             raise StateMismatchError(f"{source}: saved by model {meta.get('model_id')!r} with a different "
                                      "architecture; it cannot be loaded into this model")
         saved_fam = json.loads(meta.get("fam_config", "{}"))
+        if saved_fam:  # states saved before the field existed ran without it
+            saved_fam.setdefault("fam_after_window", False)
         if saved_fam != asdict(fam):
             raise StateMismatchError(f"{source}: saved with attention config {saved_fam}, "
                                      f"but this engine runs {asdict(fam)}")

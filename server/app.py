@@ -94,7 +94,8 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 def load_model_from_settings(settings: Settings) -> LoadedModel:
     fam, unset = requested_fam(settings.block_size, settings.memory_blocks, settings.sink_tokens,
-                               fam_length=settings.fam_length, full_context_tokens=settings.full_context_tokens)
+                               settings.fam_after_window, fam_length=settings.fam_length,
+                               full_context_tokens=settings.full_context_tokens)
     return load_model(settings.model, fam, settings.mode, engine_config(settings), settings.fam_adapter, unset)
 
 

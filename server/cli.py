@@ -26,7 +26,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     try:
-        fam, unset = requested_fam(args.block_size, args.memory_blocks, args.sink_tokens, fam_length=args.fam_length)
+        fam, unset = requested_fam(args.block_size, args.memory_blocks, args.sink_tokens, args.fam_after_window,
+                                   fam_length=args.fam_length)
         engine = EngineConfig(device=args.device, dtype=args.dtype)  # "auto" resolved here
         loaded = load_model(args.model, fam, args.mode, engine, args.fam_adapter, unset)
         text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
                                                   "its own)")
     sink_tokens: int | None = Field(None, ge=0, description="S: attention-sink tokens kept visible, fam and bswa modes "
                                                             "(default: the FAM adapter's trained S, else 4)")
+    fam_after_window: bool | None = Field(
+        None, description="fam mode: tokens read the FAM (and the adapter's LoRA applies to them) only once a block "
+                          "has left the window, so a conversation inside the window is answered as bswa answers it "
+                          "(default: as the FAM adapter was trained, else off)")
     full_context_tokens: int = Field(8192, gt=0, description="context preallocated per request in full mode, in tokens")
     fam_adapter: Path | None = Field(None, description="trained FAM adapter (safetensors) to load: its FAM prompt, "
                                                        "and LoRA merged into the weights or kept for the FAM rows")

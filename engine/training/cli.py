@@ -112,7 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           lora_targets=tuple(args.lora_targets or ALL_TARGETS), lora_scope=args.lora_scope,
                           token_lora_targets=tuple(args.token_lora_targets or ()),
                           fam_length=args.fam_length, block_size=args.block_size, memory_blocks=args.memory_blocks,
-                          sink_tokens=args.sink_tokens, rsp_prob=args.rsp_prob,
+                          sink_tokens=args.sink_tokens, fam_after_window=args.fam_after_window,
+                          rsp_prob=args.rsp_prob,
                           checkpoint_every=args.checkpoint_every, resume=args.resume,
                           init_adapter=args.init_adapter, seed=args.seed,
                           device=args.device, grad_checkpoint=not args.no_grad_checkpoint,
@@ -193,8 +194,8 @@ def _load(args: argparse.Namespace, mode: str):
     from famserve.engine.build import load_model, requested_fam
     from famserve.engine.config import EngineConfig
 
-    fam, unset = requested_fam(args.block_size, args.memory_blocks, args.sink_tokens, fam_length=args.fam_length,
-                               full_context_tokens=args.full_context_tokens)
+    fam, unset = requested_fam(args.block_size, args.memory_blocks, args.sink_tokens, args.fam_after_window,
+                               fam_length=args.fam_length, full_context_tokens=args.full_context_tokens)
     return load_model(args.model, fam, mode, EngineConfig(device=args.device, dtype=args.dtype), args.fam_adapter,
                       unset)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as fn
@@ -127,17 +128,18 @@ def apply_lora(model: FamModel, targets: Iterable[str] = ALL_TARGETS, rank: int 
 
 
 def apply_fam_lora(model: FamModel, targets: Iterable[str] = ALL_TARGETS, rank: int = 8, alpha: float = 16.0,
-                   seed: int = 0) -> None:
+                   seed: int = 0, after_window: bool = False) -> None:
     """`--lora-scope fam`: trainable LoRA that only the FAM rows use (engine/fam_lora.py); freeze everything else
     but the token LoRA that apply_lora may have wrapped before (`--token-lora-targets`). Without token LoRA the
-    token rows keep the base weights, so the model differs from BSWA only through the FAM keys tokens see."""
+    token rows keep the base weights, so the model differs from BSWA only through the FAM keys tokens see.
+    after_window (`--fam-after-window` with `--lora-scope all`): the tokens past the window use it too."""
     keep = {id(p) for p in lora_parameters(model)}
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
     fam_lora = FamLoRA(model, tuple(targets), rank, alpha / rank)
     fam_lora.init_a(torch.Generator().manual_seed(seed))
-    model.set_fam_lora(fam_lora)
+    model.set_fam_lora(fam_lora, after_window=after_window)
 
 
 @contextmanager
@@ -170,6 +172,11 @@ def load_adapter_weights(model: FamModel, fam_prompt: nn.Parameter, adapter: Fam
     a FAM-row adapter without token LoRA starts a run that adds it (`--token-lora-targets`; fresh, B = 0)."""
     adapter.check_compatible(model.config)
     where = f"init_adapter: {adapter.source or 'the adapter'}"
+    if model.lora_after_window:  # every-row LoRA kept unmerged (fam_after_window): an every-row adapter's fits
+        if adapter.fam_lora or not adapter.lora:
+            raise ValueError(f"{where} has {'FAM-row' if adapter.fam_lora else 'no'} LoRA; a --fam-after-window "
+                             "run with --lora-scope all starts from an adapter with every-row LoRA only")
+        adapter = replace(adapter, lora={}, fam_lora=adapter.lora)
     modules = lora_modules(model)
     if bool(adapter.fam_lora) != (model.fam_lora is not None):
         raise ValueError(f"{where} has {'FAM-row' if adapter.fam_lora else 'every-row'} LoRA, this run "
@@ -207,10 +214,12 @@ def export_adapter(model: FamModel, fam_prompt: torch.Tensor, base_model_id: str
     lora = {name: (_saved(m.lora_a), _saved(m.lora_b)) for name, m in modules.items()}
     fam_pairs = {} if model.fam_lora is None else model.fam_lora.pairs()
     fam_lora = {name: (_saved(a), _saved(b)) for name, (a, b) in fam_pairs.items()}
+    if model.lora_after_window:  # every-row LoRA, run unmerged past the window: saved as every-row LoRA
+        lora, fam_lora = fam_lora, {}
     return FamAdapter(fam_prompt=_saved(fam_prompt), base_fingerprint=model.config.fingerprint(),
                       base_model_id=base_model_id, block_size=fam.block_size, memory_blocks=fam.memory_blocks,
                       sink_tokens=fam.sink_tokens, lora=lora, lora_scale=scales.pop() if scales else 1.0,
-                      fam_lora=fam_lora)
+                      fam_lora=fam_lora, fam_after_window=fam.gates_fam)
 
 
 def _lora_scales(model: FamModel) -> set[float]:

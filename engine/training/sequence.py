@@ -23,6 +23,10 @@ the zero residual) and which continue a previous sequence's FAM. A carried FAM i
 graph of one step never reaches into the previous one. This equals the engine on a new stream whose `fam` was
 replaced by the carried FAM (with num_fam_updates > 0 for the continuing rows).
 
+Under FamConfig.fam_after_window the tokens of a fresh row's first M+1 blocks neither see the FAM nor take the
+LoRA (model.lora_after_window: the adapter's deltas, FamLoRA, run unmerged on the FAM rows and the later tokens), as
+the engine does; a continuing row stands for a stream whose window has long moved on, so all its tokens do.
+
 Dimensions as in model.py: B sequences, T tokens, nb blocks, C hidden, H / Hkv heads, D head dim, N layers,
 L block size, M memory blocks, F FAM rows, S sinks, W = (M+1)*L window keys, V vocabulary."""
 
@@ -71,6 +75,9 @@ class _Plan:
         cos, sin = rot.cos_sin(torch.arange(num_tokens, device=device), dtype)  # (T, D)
         self.cos, self.sin = cos.repeat(batch, 1), sin.repeat(batch, 1)  # (B*T, D)
         self.S = 0
+        self.gated = fam.gates_fam
+        # Whether some rows' first M+1 blocks see the FAM, and some do not (forward_sequence sets them from `fresh`)
+        self.some_see_fam_early = self.some_see_no_fam_early = False
         if self.is_full:
             return  # plain causal attention: no blocks, sinks or FAM
         starts = torch.arange(self.num_blocks, device=device) * self.L  # (nb,) block starts b
@@ -139,12 +146,16 @@ def _flash_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _layer_forward(layer: DecoderLayer, plan: _Plan, x: torch.Tensor, fam_in: torch.Tensor | None,
-                   fresh: torch.Tensor | None, delta: LayerDelta | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   fresh: torch.Tensor | None, delta: LayerDelta | None,
+                   token_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One decoder layer over all blocks: x (B, T, C) token rows, fam_in (B, F, C) -> (x_out, FAM after the last
-    complete block, or None without FAM). `delta`: the layer's FAM-row LoRA (the FAM rows only)."""
+    complete block, or None without FAM). `delta`: the layer's FAM-row LoRA (the FAM rows, and where the (B*T,)
+    bool token_rows is true the token rows too)."""
     B, T, C = x.shape
     H, Hkv, D = plan.heads, plan.kv_heads, plan.head_dim
-    q, k, v, k_raw = layer.self_attn.qkv(layer.input_layernorm(x).reshape(B * T, C), plan.cos, plan.sin)
+    token_delta = None if token_rows is None else delta
+    q, k, v, k_raw = layer.self_attn.qkv(layer.input_layernorm(x).reshape(B * T, C), plan.cos, plan.sin,
+                                         token_delta, token_rows)
     q, k, v, k_raw = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D), k_raw.view(B, T, Hkv, D)
     fam, fam_k, fam_v = None, None, None
     if plan.is_full:
@@ -153,8 +164,8 @@ def _layer_forward(layer: DecoderLayer, plan: _Plan, x: torch.Tensor, fam_in: to
     else:
         if plan.F:
             fam, fam_k, fam_v = _fam_recurrence(layer, plan, k, v, fam_in, fresh, delta)
-        out = _block_attention(plan, q, k, v, k_raw, fam_k, fam_v)  # (B, T, H, D)
-    x_out = layer.finish(x.reshape(B * T, C), out.reshape(B * T, H * D)).view(B, T, C)
+        out = _block_attention(plan, q, k, v, k_raw, fam_k, fam_v, fresh)  # (B, T, H, D)
+    x_out = layer.finish(x.reshape(B * T, C), out.reshape(B * T, H * D), token_delta, token_rows).view(B, T, C)
     return x_out, fam
 
 
@@ -186,8 +197,10 @@ def _fam_recurrence(layer: DecoderLayer, plan: _Plan, k: torch.Tensor, v: torch.
 
 
 def _block_attention(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_raw: torch.Tensor,
-                     fam_k: torch.Tensor | None, fam_v: torch.Tensor | None) -> torch.Tensor:
-    """Token rows of every block against [sinks | FAM_prev | window], causal in the block.
+                     fam_k: torch.Tensor | None, fam_v: torch.Tensor | None,
+                     fresh: torch.Tensor | None = None) -> torch.Tensor:
+    """Token rows of every block against [sinks | FAM_prev | window], causal in the block (under fam_after_window,
+    without FAM_prev in the first M+1 blocks of the rows that start fresh).
     q (B, T, H, D); k, v, k_raw (B, T, Hkv, D); fam_k, fam_v (B, nb, Hkv, F, D) -> (B, T, H, D)."""
     B, T, H, D = q.shape
     Hkv, L, M, S, F, nb = plan.kv_heads, plan.L, plan.M, plan.S, plan.F, plan.num_blocks
@@ -197,11 +210,17 @@ def _block_attention(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     v_pad = fn.pad(v, (0, 0, 0, 0, 0, pad)).transpose(1, 2)
     outs = []
     for i in range(plan.num_head):  # block i sees [FAM_prev of block i | tokens 0 .. (i+1)*L - 1]
-        keys, values = [k_pad[:, :, :(i + 1) * L]], [v_pad[:, :, :(i + 1) * L]]  # (B, Hkv, (i+1)*L, D)
-        if F:
-            keys.insert(0, fam_k[:, i])  # (B, Hkv, F, D)
-            values.insert(0, fam_v[:, i])
-        outs.append(_causal_bottom_right(q_blocks[:, i], torch.cat(keys, dim=2), torch.cat(values, dim=2)))
+        keys, values = k_pad[:, :, :(i + 1) * L], v_pad[:, :, :(i + 1) * L]  # (B, Hkv, (i+1)*L, D)
+        with_fam = without_fam = None
+        if F and plan.some_see_fam_early:
+            with_fam = _causal_bottom_right(q_blocks[:, i], torch.cat([fam_k[:, i], keys], dim=2),
+                                            torch.cat([fam_v[:, i], values], dim=2))
+        if not F or plan.some_see_no_fam_early:
+            without_fam = _causal_bottom_right(q_blocks[:, i], keys, values)
+        if with_fam is not None and without_fam is not None:  # mixed rows under fam_after_window
+            outs.append(torch.where(fresh[:, None, None, None], without_fam, with_fam))
+        else:
+            outs.append(without_fam if with_fam is None else with_fam)
     out = torch.stack(outs, dim=1)  # (B, nh, H, L, D)
     if plan.num_tail:
         nt, W = plan.num_tail, (M + 1) * L
@@ -249,14 +268,21 @@ def forward_sequence(model: FamModel, fam: FamConfig, token_ids: torch.Tensor | 
         if tuple(start_fam.shape) != (len(layers), B, plan.F, C):
             raise ValueError(f"start_fam: expected shape {(len(layers), B, plan.F, C)}, got {tuple(start_fam.shape)}")
         fresh = torch.zeros(B, dtype=torch.bool, device=x.device) if fresh is None else fresh.to(x.device)
+    # Python bools, asked of the device once per pass: under fam_after_window only continuing rows see it early.
+    plan.some_see_fam_early = bool(plan.F) and not (plan.gated and bool(fresh.all()))
+    plan.some_see_no_fam_early = bool(plan.F) and plan.gated and bool(fresh.any())
+    token_rows = None  # tokens taking the FAM LoRA: past a fresh row's first M+1 blocks, and all of a continuing row
+    if plan.F and plan.gated and model.lora_after_window:
+        late = torch.arange(T, device=x.device) // plan.L > plan.M
+        token_rows = (~fresh[:, None] | late[None, :]).reshape(B * T)
     fams = []
     for l, layer in enumerate(layers):
         fam_in, delta = (start_fam[l], model.fam_delta(l)) if plan.F else (None, None)
         if checkpoint and torch.is_grad_enabled():
-            x, fam_out = activation_checkpoint(_layer_forward, layer, plan, x, fam_in, fresh, delta,
+            x, fam_out = activation_checkpoint(_layer_forward, layer, plan, x, fam_in, fresh, delta, token_rows,
                                                use_reentrant=False)
         else:
-            x, fam_out = _layer_forward(layer, plan, x, fam_in, fresh, delta)
+            x, fam_out = _layer_forward(layer, plan, x, fam_in, fresh, delta, token_rows)
         fams.append(fam_out)
     return SequenceOutput(x, torch.stack(fams) if plan.F else None, plan.num_complete if plan.F else 0)
 

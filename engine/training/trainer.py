@@ -184,6 +184,9 @@ class TrainConfig:
     block_size: int = 1024  # L
     memory_blocks: int = 3  # M
     sink_tokens: int = 4  # S (keep the checkpoint's attention sinks during training)
+    # tokens read the FAM, and take the LoRA, only once a block has left the window (FamConfig.fam_after_window);
+    # the LoRA then runs unmerged (FamLoRA) for the FAM rows and those tokens
+    fam_after_window: bool = False
     rsp_prob: float = 0.8  # Random State Passing probability
     checkpoint_every: int = 100  # steps between training checkpoints (and adapter writes); 0 = only at the end
     resume: str | None = None  # a <stem>.train.pt to continue from
@@ -213,6 +216,9 @@ class TrainConfig:
         if self.token_lora_targets and self.lora_scope != "fam":
             raise ValueError("token_lora_targets: adds every-row LoRA to --lora-scope fam; with --lora-scope all "
                              "every row already has LoRA on --lora-targets")
+        if self.token_lora_targets and self.fam_after_window:
+            raise ValueError("token_lora_targets: fam_after_window takes one kind of LoRA, --lora-scope all "
+                             "(the FAM rows and the tokens past the window) or fam (the FAM rows)")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         if not self.data and not self.passkey:
@@ -240,13 +246,13 @@ class TrainConfig:
                              "(continue that run) or --init-adapter (start a new run from an adapter), not both")
         if self.passkey_start_step and not (self.data and (self.passkey or self.recall_fraction)):
             raise ValueError("passkey_start_step: a curriculum needs both text (--data) and --passkey or recall")
-        FamConfig(mode="fam", block_size=self.block_size, memory_blocks=self.memory_blocks,
-                  fam_length=self.fam_length, sink_tokens=self.sink_tokens)  # validates L, M, F, S
+        _ = self.fam  # FamConfig validates L, M, F, S
 
     @property
     def fam(self) -> FamConfig:
         return FamConfig(mode="fam", block_size=self.block_size, memory_blocks=self.memory_blocks,
-                         fam_length=self.fam_length, sink_tokens=self.sink_tokens)
+                         fam_length=self.fam_length, sink_tokens=self.sink_tokens,
+                         fam_after_window=self.fam_after_window)
 
     def paths(self) -> tuple[Path, Path, Path]:
         """(adapter, training checkpoint, JSONL log)."""
@@ -257,7 +263,7 @@ class TrainConfig:
 
 # Fields a resumed run must share with the checkpoint it resumes (the rest, e.g. steps or lr, may change).
 RESUME_FIELDS = ("model", "batch_size", "lora_rank", "lora_alpha", "lora_targets", "lora_scope", "token_lora_targets",
-                 "fam_length", "block_size", "memory_blocks", "sink_tokens")
+                 "fam_length", "block_size", "memory_blocks", "sink_tokens", "fam_after_window")
 
 
 @dataclass
@@ -283,11 +289,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         raise ValueError(f"distill_weight: the teacher reads {cfg.seq_len}-token sequences with full attention, "
                          f"past the {model.config.max_position_embeddings} tokens {loaded.model_id} was trained for")
     fam = cfg.fam
-    token_targets = cfg.lora_targets if cfg.lora_scope == "all" else cfg.token_lora_targets
+    token_targets = cfg.lora_targets if cfg.lora_scope == "all" and not fam.gates_fam else cfg.token_lora_targets
     if token_targets:  # apply_lora and apply_fam_lora freeze the base weights
         apply_lora(model, token_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
-    if cfg.lora_scope == "fam":
-        apply_fam_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed + 1)
+    if cfg.lora_scope == "fam" or fam.gates_fam:
+        apply_fam_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed + 1,
+                       after_window=fam.gates_fam and cfg.lora_scope == "all")
     prompt = nn.Parameter(default_fam_prompt(model, fam.fam_length))
     if cfg.init_adapter:
         load_adapter_weights(model, prompt, FamAdapter.load(cfg.init_adapter))

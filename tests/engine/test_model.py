@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from famserve.engine.config import FamConfig, ModelConfig
 from famserve.engine.errors import ContextLengthError, StateFormatError, StateMismatchError
+from famserve.engine.fam_lora import TARGETS, FamLoRA
 from famserve.engine.model import FamModel
 from famserve.engine.runner import ModelRunner
 from famserve.engine.state import FamState
@@ -28,9 +29,19 @@ def hf_model():
     return LlamaForCausalLM(cfg).eval()
 
 
-def fam_model(hf, **fam) -> FamModel:
+def fam_model(hf, lora: bool = False, **fam) -> FamModel:
+    """lora: with a random every-row LoRA that waits for the window (an adapter's, under fam_after_window)."""
     model = FamModel(ModelConfig.from_hf_config(hf.config.to_dict()), FamConfig(**fam))
     model.load_state_dict(hf.state_dict(), strict=True)
+    if lora:
+        g = torch.Generator().manual_seed(11)
+        deltas = FamLoRA(model, TARGETS, rank=2, scale=1.0)
+        deltas.init_a(g)
+        with torch.no_grad():
+            for layer in deltas.layers:
+                for b in layer.b.values():
+                    b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+        model.set_fam_lora(deltas, after_window=True)
     return model.eval()
 
 
@@ -65,7 +76,14 @@ MODES = [
     dict(mode="fam", block_size=8, memory_blocks=0, fam_length=3, sink_tokens=0),
     dict(mode="bswa", block_size=8, memory_blocks=2, sink_tokens=4),
     dict(mode="bswa", block_size=8, memory_blocks=1, sink_tokens=0),
+    dict(mode="fam", block_size=8, memory_blocks=1, fam_length=4, sink_tokens=2, fam_after_window=True),
+    dict(mode="fam", block_size=8, memory_blocks=1, fam_length=4, sink_tokens=2, fam_after_window=True, lora=True),
 ]
+
+
+def mode_id(fam: dict) -> str:
+    late = "-late" if fam.get("fam_after_window") else ""
+    return f"{fam['mode']}-M{fam['memory_blocks']}-S{fam['sink_tokens']}{late}{'-lora' if fam.get('lora') else ''}"
 
 
 def test_full_mode_matches_hf_logits(hf_model):
@@ -77,7 +95,7 @@ def test_full_mode_matches_hf_logits(hf_model):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("fam", MODES, ids=lambda f: f"{f['mode']}-M{f['memory_blocks']}-S{f['sink_tokens']}")
+@pytest.mark.parametrize("fam", MODES, ids=mode_id)
 def test_chunking_invariance(hf_model, fam):
     model = fam_model(hf_model, **fam)
     tokens = torch.randint(0, 128, (5 * 8 + 3,), generator=torch.Generator().manual_seed(3))
@@ -125,7 +143,7 @@ def test_prefill_blocks_refuses_what_it_cannot_do_exactly(hf_model):
         bswa.prefill_blocks(bswa.new_state(), torch.arange(5))  # not a whole block
 
 
-@pytest.mark.parametrize("fam", MODES, ids=lambda f: f"{f['mode']}-M{f['memory_blocks']}-S{f['sink_tokens']}")
+@pytest.mark.parametrize("fam", MODES, ids=mode_id)
 def test_decode_tokens_equals_a_step(hf_model, fam):
     """FamModel.decode_tokens (tensor-indexed, all K slots: what a CUDA graph replays) == a step of one token per
     stream, in logits and every state tensor, for three streams at different offsets, at every step all of them
@@ -160,7 +178,7 @@ def test_decode_tokens_equals_a_step(hf_model, fam):
     assert taken >= 3 * lay.block_size  # of 6 blocks of steps: each stream refuses its block-ending token
 
 
-@pytest.mark.parametrize("fam", MODES, ids=lambda f: f"{f['mode']}-M{f['memory_blocks']}-S{f['sink_tokens']}")
+@pytest.mark.parametrize("fam", MODES, ids=mode_id)
 def test_fill_block_equals_a_step(hf_model, fam):
     """FamModel.fill_block (a whole block, device-tensor indices, all K slots: what a CUDA graph replays) == a step
     of that block, in logits and every state tensor, block after block as the ring wraps, the sinks move and the
@@ -175,7 +193,8 @@ def test_fill_block_equals_a_step(hf_model, fam):
     taken = 0
     for block in range(1, 8):
         ids = tokens[block * lay.block_size:(block + 1) * lay.block_size]
-        assert model.fits_fill_block(state) == (block >= max(1, lay.memory_blocks))
+        late = 1 if fam.get("fam_after_window") else 0  # the first block that reads the FAM is M+1
+        assert model.fits_fill_block(state) == (block >= max(1, lay.memory_blocks) + late)
         if model.fits_fill_block(state):
             mine = state.clone()
             got = model.fill_block(mine, model.block_indices(mine, ids))
@@ -220,7 +239,7 @@ def greedy_continue(model, state, first_logits, n):
     return out
 
 
-@pytest.mark.parametrize("fam", MODES[:3], ids=lambda f: f"{f['mode']}-M{f['memory_blocks']}")
+@pytest.mark.parametrize("fam", [*MODES[:3], MODES[-1]], ids=mode_id)
 def test_save_load_continue(hf_model, fam, tmp_path):
     model = fam_model(hf_model, **fam)
     runner = ModelRunner(model)
@@ -266,7 +285,7 @@ def test_state_loads_where_the_tokenizer_names_other_special_tokens(hf_model):
     assert not ModelConfig(**{**model.config.__dict__, "num_layers": 3}).matches_fingerprint(legacy)
 
 
-@pytest.mark.parametrize("fam", MODES[:3], ids=lambda f: f"{f['mode']}-M{f['memory_blocks']}")
+@pytest.mark.parametrize("fam", [*MODES[:3], MODES[-1]], ids=mode_id)
 def test_batched_decode_equals_alone(hf_model, fam):
     """Streams at different partial-block offsets decoded together give each one's solo tokens."""
     model = fam_model(hf_model, **fam)

@@ -326,3 +326,53 @@ def test_fam_row_lora_leaves_tokens_on_the_base_weights():
             assert p.grad is not None and p.grad.abs().max() > 0, name
         else:
             assert p.grad is None, name
+
+
+@pytest.mark.parametrize("tokens_take_lora", [True, False], ids=["every-row-lora", "fam-row-lora"])
+@pytest.mark.parametrize("fam", [dict(block_size=6, memory_blocks=1, fam_length=3, sink_tokens=2),
+                                 dict(block_size=4, memory_blocks=2, fam_length=2, sink_tokens=1)])
+def test_fam_after_window_sequence_equals_streaming_engine(fam, tokens_take_lora):
+    """Under fam_after_window a fresh row's first M+1 blocks are BSWA with the base weights and the later ones
+    read the FAM (through the LoRA too, for an every-row adapter): the all-at-once path and the engine agree at
+    1e-9, and the first M+1 blocks equal BSWA of the base model exactly."""
+    fam_cfg = FamConfig(mode="fam", fam_after_window=True, **fam)
+    model = random_model(tiny_config(), fam_cfg, seed=21)
+    tokens = torch.randint(0, 61, (2, 31), generator=torch.Generator().manual_seed(22))
+    bswa = sequence_logits(model, FamConfig(mode="bswa", **{**fam, "fam_length": 0}), tokens)
+    _live_fam_lora(model, seed=23)
+    model.set_fam_lora(model.fam_lora, after_window=tokens_take_lora)
+    model.requires_grad_(False)
+    got = forward_sequence(model, fam_cfg, tokens)
+    logits = model.logits(got.hidden)
+    window = (fam_cfg.memory_blocks + 1) * fam_cfg.block_size
+    torch.testing.assert_close(logits[:, :window], bswa[:, :window], atol=ATOL, rtol=0)
+    assert (logits[:, window:] - bswa[:, window:]).abs().amax(-1).min() > 1e-6
+    for row in range(2):
+        state = model.new_state()
+        want = ModelRunner(model).run([state], [tokens[row]], all_logits=True)[0]
+        torch.testing.assert_close(logits[row], want, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got.fam[:, row], state.fam, atol=ATOL, rtol=0)
+
+
+def test_fam_after_window_carried_rows_read_the_fam_from_the_start():
+    """A continuing row (Random State Passing) stands for a stream whose window moved on long ago: with M=0 and S=0
+    it equals the engine continuing the stream (whose tokens all read the FAM and take the LoRA by then), while a
+    fresh row in the same batch does not read it in its first block."""
+    fam_cfg = FamConfig(mode="fam", block_size=5, memory_blocks=0, fam_length=3, sink_tokens=0, fam_after_window=True)
+    model = random_model(tiny_config(), fam_cfg, seed=24)
+    _live_fam_lora(model, seed=25)
+    model.set_fam_lora(model.fam_lora, after_window=True)
+    model.requires_grad_(False)
+    first, second = torch.randint(0, 61, (2, 1, 15), generator=torch.Generator().manual_seed(26))
+    carried = forward_sequence(model, fam_cfg, first).fam  # (N, 1, F, C)
+    both = torch.cat([second, second])
+    got = sequence_logits(model, fam_cfg, both, start_fam=carried.expand(-1, 2, -1, -1),
+                          fresh=torch.tensor([False, True]))
+
+    state, runner = model.new_state(), ModelRunner(model)
+    runner.run([state], [first[0]])
+    want = runner.run([state], [second[0]], all_logits=True)[0]
+    torch.testing.assert_close(got[0], want, atol=ATOL, rtol=0)
+    bswa = sequence_logits(model, FamConfig(mode="bswa", block_size=5, memory_blocks=0, sink_tokens=0), second)[0]
+    torch.testing.assert_close(got[1, :5], bswa[:5], atol=ATOL, rtol=0)  # the fresh row's first block
+    assert (got[0, :5] - bswa[:5]).abs().max() > 1e-3

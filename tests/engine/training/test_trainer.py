@@ -420,3 +420,36 @@ def test_token_lora_targets_grow_a_fam_row_adapter(tiny_llama_dir, tmp_path):
     assert loaded.model.fam_lora is not None
     with pytest.raises(ValueError, match="token_lora_targets: adds every-row LoRA to --lora-scope fam"):
         config(tiny_llama_dir, tmp_path, token_lora_targets=("q_proj",))
+
+
+def test_fam_after_window_run_starts_from_an_every_row_adapter_and_serves_as_trained(tiny_llama_dir, tmp_path):
+    """--fam-after-window with --lora-scope all: a run from an ordinary adapter (--init-adapter, its every-row LoRA
+    now kept unmerged) trains the deltas (B moves), saves them as every-row LoRA marked fam_after_window, and the
+    engine, told nothing, loads the adapter that way and computes what the trained model computes; a fresh
+    stream's first M+1 blocks are the base model's BSWA exactly."""
+    first = train(config(tiny_llama_dir, tmp_path / "first", steps=2), progress=False)
+    cfg = config(tiny_llama_dir, tmp_path / "late", steps=3, fam_after_window=True,
+                 init_adapter=str(first.adapter_path))
+    late = FamAdapter.load(train(cfg, progress=False).adapter_path)
+    start = FamAdapter.load(first.adapter_path)
+    assert late.fam_after_window and late.fam_lora == {} and set(late.lora) == set(start.lora)
+    assert any((late.lora[n][1] - b).abs().max() > 1e-5 for n, (_, b) in start.lora.items())
+
+    fam, unset = requested_fam(fam_length=4)
+    served = load_model(tiny_llama_dir, fam, adapter_path=cfg.paths()[0], shape_from_adapter=unset).model
+    assert served.fam_config.describe() == "fam (L=16 M=1 F=4 S=2; FAM read after the window)"
+    tokens = torch.randint(0, 300, (1, 70), generator=torch.Generator().manual_seed(3))
+    got = ModelRunner(served).run([served.new_state()], [tokens[0]], all_logits=True)[0]
+    want = served.logits(forward_sequence(served, served.fam_config, tokens, fam_prompt=late.fam_prompt).hidden[0])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    base = load_model(tiny_llama_dir, FamConfig(mode="bswa", block_size=16, memory_blocks=1, sink_tokens=2)).model
+    bswa = ModelRunner(base).run([base.new_state()], [tokens[0]], all_logits=True)[0]
+    torch.testing.assert_close(got[:32], bswa[:32], atol=2e-5, rtol=0)
+    assert (got[32:] - bswa[32:]).abs().max() > 1e-3
+
+    with pytest.raises(ValueError, match="token_lora_targets: fam_after_window takes one kind of LoRA"):
+        config(tiny_llama_dir, tmp_path, lora_scope="fam", token_lora_targets=("q_proj",), fam_after_window=True)
+    fam_rows = train(config(tiny_llama_dir, tmp_path / "rows", steps=1, lora_scope="fam"), progress=False)
+    with pytest.raises(ValueError, match="has FAM-row LoRA; a --fam-after-window run with --lora-scope all"):
+        train(config(tiny_llama_dir, tmp_path / "bad", fam_after_window=True, init_adapter=str(fam_rows.adapter_path)),
+              progress=False)
