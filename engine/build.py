@@ -39,6 +39,17 @@ def resolve_mode(fam: FamConfig, mode: str | None, has_adapter: bool) -> FamConf
     return replace(fam, mode=chosen)
 
 
+# alias -> the FAM adapter shipped for it (inside this package), which `--mode fam` loads when none is given: FAM
+# without a trained adapter is unusable on a pretrained model (FAM-SPEC.md). The default mode stays BSWA.
+SHIPPED_FAM_ADAPTERS = {"smollm2-135m": "adapters/smollm2-135m-fam.safetensors"}
+
+
+def shipped_fam_adapter(spec: str | Path, mode: str | None) -> Path | None:
+    """The adapter famserve ships for model alias `spec`, when FAM mode is asked for; else None."""
+    name = SHIPPED_FAM_ADAPTERS.get(spec.lower()) if isinstance(spec, str) and mode == "fam" else None
+    return Path(__file__).parent / name if name else None
+
+
 # The attention shape an adapter was trained with, which it brings when the user does not choose one.
 ADAPTER_SHAPE = ("block_size", "memory_blocks", "sink_tokens", "fam_after_window")
 

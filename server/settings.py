@@ -9,7 +9,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "FAMSERVE_"
@@ -48,7 +48,9 @@ class Settings(BaseSettings):
                           "(default: as the FAM adapter was trained, else off)")
     full_context_tokens: int = Field(8192, gt=0, description="context preallocated per request in full mode, in tokens")
     fam_adapter: Path | None = Field(None, description="trained FAM adapter (safetensors) to load: its FAM prompt, "
-                                                       "and LoRA merged into the weights or kept for the FAM rows")
+                                                       "and LoRA merged into the weights or kept for the FAM rows "
+                                                       "(default with mode fam: the one famserve ships for the "
+                                                       "model, if any)")
     device: str = Field("auto", description="torch device: cpu, cuda, cuda:1, ...; auto: CUDA when torch sees a GPU, "
                                             "else the CPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -105,6 +107,14 @@ class Settings(BaseSettings):
         if value is not None and not value.is_file():  # refused now, not minutes later when the model has loaded
             raise ValueError(f"{value}: FAM adapter file not found")
         return value
+
+    @model_validator(mode="after")
+    def _shipped_adapter(self) -> Settings:
+        if self.fam_adapter is None:  # --mode fam on a model famserve ships an adapter for: that adapter
+            from famserve.engine.build import shipped_fam_adapter  # here: reading settings needs no torch
+
+            self.fam_adapter = shipped_fam_adapter(self.model, self.mode)
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

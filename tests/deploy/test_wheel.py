@@ -1,5 +1,5 @@
 """The built distribution ships the whole source: every module of engine/, server/ and clients/ and the playground's
-files land in the wheel under famserve/ (an editable install hides a package missing from pyproject.toml; the
+files and the shipped FAM adapters land in the wheel under famserve/ (an editable install hides a package missing from pyproject.toml; the
 Docker image, which installs the wheel, does not)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from deploy_files import REPO
 FOLDERS = {"engine": "famserve/engine", "server": "famserve/server", "clients": "famserve/clients"}
 
 
-def test_wheel_holds_every_module_and_the_playground(tmp_path: Path) -> None:
+def test_wheel_holds_every_module_the_playground_and_the_shipped_adapters(tmp_path: Path) -> None:
     source = tmp_path / "source"  # a clean copy: setuptools would reuse a stale build/ folder in the checkout
     source.mkdir()
     for name in ("pyproject.toml", "README.md", *FOLDERS):
@@ -29,6 +29,6 @@ def test_wheel_holds_every_module_and_the_playground(tmp_path: Path) -> None:
     expected = {f"{target}/{path.relative_to(REPO / folder).as_posix()}"
                 for folder, target in FOLDERS.items()
                 for path in (REPO / folder).rglob("*")
-                if path.is_file() and (path.suffix == ".py" or "playground" in path.parts)
+                if path.is_file() and (path.suffix == ".py" or "playground" in path.parts or "adapters" in path.parts)
                 and "__pycache__" not in path.parts}
     assert expected - shipped == set()

@@ -98,3 +98,27 @@ def test_states_saved_before_the_field_existed_still_load(tiny_llama_dir):
     late = FamConfig(mode="bswa", block_size=L, memory_blocks=M, fam_after_window=True)
     with pytest.raises(StateMismatchError, match="attention config"):
         FamState.from_bytes(legacy, model.config, late)
+
+
+@pytest.mark.model
+def test_the_shipped_adapter_answers_inside_its_window_as_bswa_does(smollm2_path):
+    """The adapter famserve ships for smollm2-135m (FAM mode's default there) reads the FAM after the window: a
+    short chat question, asked and answered inside the first block, gets BSWA's logits at the same L, M, S exactly
+    (float32), and the first tokens of the next block already differ (FAM and LoRA at work)."""
+    from famserve.engine.build import shipped_fam_adapter
+
+    path = shipped_fam_adapter("smollm2-135m", "fam")
+    adapter = FamAdapter.load(path)
+    assert adapter.fam_after_window and adapter.memory_blocks == 0
+    fam, unset = requested_fam(fam_length=adapter.fam_length)
+    late = load_model("smollm2-135m", fam, "fam", adapter_path=path, shape_from_adapter=unset)
+    shape = dict(block_size=adapter.block_size, memory_blocks=adapter.memory_blocks, sink_tokens=adapter.sink_tokens)
+    base = load_model("smollm2-135m", FamConfig(mode="bswa", **shape)).model
+    prompt = late.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    answer = late.tokenizer.encode("The capital of France is Paris. " * 12)
+    tokens = torch.tensor(prompt + answer[:80])
+    got, want = logits(late.model, tokens), logits(base, tokens)
+    inside = adapter.block_size * (adapter.memory_blocks + 1)
+    assert len(prompt) < inside
+    torch.testing.assert_close(got[:inside], want[:inside], atol=1e-4, rtol=0)
+    assert (got[inside:inside + 8] - want[inside:inside + 8]).abs().max() > 0.1

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from famserve.engine.loader import resolve_model_path
+
 
 def famserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "famserve.server.cli", *args], capture_output=True, text=True,
@@ -50,8 +52,19 @@ def test_default_model_answers_the_capital_question():
 
 
 @pytest.mark.model
-def test_fam_mode_without_adapter_runs_and_warns():
+def test_fam_mode_on_the_default_model_uses_the_shipped_adapter_at_its_shape():
     out = famserve("generate", "--model", "smollm2-135m", "--chat", "--prompt", "What is the capital of France?",
+                   "--max-tokens", "20", "--mode", "fam")
+    assert out.returncode == 0, out.stderr
+    assert "mode fam (L=64 M=0 F=8 S=4; FAM read after the window)" in out.stderr
+    assert "without a trained FAM adapter" not in out.stderr
+    assert "Paris" in out.stdout
+
+
+@pytest.mark.model
+def test_fam_mode_without_adapter_runs_and_warns():
+    gguf = str(resolve_model_path("smollm2-135m"))  # by path: famserve ships adapters for aliases only
+    out = famserve("generate", "--model", gguf, "--chat", "--prompt", "What is the capital of France?",
                    "--max-tokens", "10", "--mode", "fam")
     assert out.returncode == 0, out.stderr
     assert "without a trained FAM adapter" in out.stderr and "mode fam (L=1024 M=3 F=64 S=4)" in out.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from famserve.engine.adapter import FamAdapter
 from famserve.server.settings import Settings, build_parser, parse_settings
 
 
@@ -15,6 +16,18 @@ def test_defaults() -> None:
     settings = parse_settings([])
     assert (settings.model, settings.host, settings.port, settings.mode) == ("smollm2-135m", "127.0.0.1", 8000, None)
     assert settings.api_keys == [] and settings.cors_origins == []
+
+
+def test_fam_mode_on_a_model_with_a_shipped_adapter_loads_that_adapter(tmp_path) -> None:
+    shipped = Settings(mode="fam").fam_adapter  # smollm2-135m, the default model
+    assert shipped is not None and shipped.is_file() and shipped.parent.name == "adapters"
+    assert FamAdapter.load(shipped).base_model_id == "smollm2-135m"
+    assert Settings().fam_adapter is None  # the default mode stays BSWA: no adapter
+    assert Settings(mode="bswa").fam_adapter is None
+    assert Settings(model=str(tmp_path), mode="fam").fam_adapter is None  # no adapter shipped for other models
+    own = tmp_path / "own.safetensors"
+    own.write_bytes(b"x")
+    assert Settings(mode="fam", fam_adapter=own).fam_adapter == own  # a given adapter wins
 
 
 def test_flag_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
