@@ -40,7 +40,8 @@ def session_info(record: SessionRecord, state_bytes: int, block_size: int) -> Se
                        fam=FamSettings(mode=fam["mode"], block_size=fam["block_size"],
                                        memory_blocks=fam["memory_blocks"],
                                        fam_length=fam["fam_length"] if fam["mode"] == "fam" else 0,
-                                       sink_tokens=fam["sink_tokens"] if fam["mode"] != "full" else 0))
+                                       sink_tokens=fam["sink_tokens"] if fam["mode"] != "full" else 0,
+                                       fam_after_window=fam.get("fam_after_window", False) and fam["mode"] == "fam"))
 
 
 async def text_chunks(body: AsyncIterator[bytes], tokenizer: Tokenizer) -> AsyncIterator[list[int]]:

@@ -30,6 +30,7 @@ class FamSettings(ResponseModel):
     memory_blocks: int
     fam_length: int
     sink_tokens: int
+    fam_after_window: bool = False  # fam mode: tokens read the FAM only once a block has left the window
 
 
 class SessionInfo(ResponseModel):

@@ -1,6 +1,6 @@
-"""The built distribution ships the whole source: every module of engine/, server/ and clients/ and the playground's
-files and the shipped FAM adapters land in the wheel under famserve/ (an editable install hides a package missing from pyproject.toml; the
-Docker image, which installs the wheel, does not)."""
+"""The built distribution ships the whole source: every module of engine/, server/ and clients/, the playground's
+files and the shipped FAM adapters land in the wheel under famserve/ (an editable install hides a package missing
+from pyproject.toml; the Docker image, which installs the wheel, does not)."""
 
 from __future__ import annotations
 

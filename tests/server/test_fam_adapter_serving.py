@@ -131,3 +131,39 @@ def test_a_missing_adapter_file_is_refused(start_server, tiny_llama_dir, tmp_pat
     assert code != 0
     assert f"famserve serve: fam_adapter: Value error, {missing}: FAM adapter file not found" in log  # at parse time
     assert "Traceback" not in log
+
+
+def test_an_adapter_trained_to_read_the_fam_after_the_window_is_served_so(start_server, tiny_llama_dir, tmp_path):
+    """`famserve train --fam-after-window` writes an adapter that the server, told nothing more, runs with the FAM
+    read after the window: a short chat inside the window gets the base model's BSWA answer (the adapter's LoRA
+    waits for the window), a long one the adapter's own, and a session says how its stream reads the FAM."""
+    late = tmp_path / "late.safetensors"
+    run = famserve("train", "--model", str(tiny_llama_dir), "--passkey", "--steps", "4", "--seq-len", "192",
+                   *window_flags(), "--fam-length", "4", "--lora-rank", "2", "--lr", "0.05", "--warmup-steps", "1",
+                   "--checkpoint-every", "0", "--threads", "1", "--fam-after-window", "--out", str(late))
+    assert run.returncode == 0, run.stderr
+    server = start_server(tiny_server_args(tiny_llama_dir, mode="fam", fam_adapter=late))
+    mode = "fam (L=32 M=1 F=4 S=2; FAM read after the window)"
+
+    def ask(question: str, max_tokens: int) -> dict:
+        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+            "model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": max_tokens})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    short = ask("Hi", 8)  # the chat template's prompt and 8 tokens: inside the first 2 blocks of 32
+    assert short["famserve"]["mode"] == mode
+    assert short["usage"]["prompt_tokens"] + short["usage"]["completion_tokens"] <= 64
+    bswa = famserve("generate", "--model", str(tiny_llama_dir), "--chat", "--prompt", "Hi", "--max-tokens", "8",
+                    "--mode", "bswa", *window_flags())
+    assert bswa.returncode == 0, bswa.stderr
+    assert bswa.stdout == short["choices"][0]["message"]["content"] + "\n"
+
+    long = ask(QUESTION, MAX_TOKENS)  # past the window: the adapter's answer, as generate computes it
+    local = generate(tiny_llama_dir, "--fam-adapter", str(late), window=False)
+    assert f"mode {mode}" in local.stderr
+    assert local.stdout == long["choices"][0]["message"]["content"] + "\n"
+    session = httpx.post(f"{server.url}/v1/sessions", timeout=60, json={}).json()
+    assert session["fam"] == {"mode": "fam", "block_size": 32, "memory_blocks": 1, "fam_length": 4, "sink_tokens": 2,
+                              "fam_after_window": True}
