@@ -309,7 +309,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if cfg.resume:
         _resume(cfg, trainer, batches)
     log.info("training %s for FAM: %s, LoRA r=%d on %s of %s rows%s, %d trainable parameters", loaded.model_id,
-             fam.describe(), cfg.lora_rank, ",".join(cfg.lora_targets), "the FAM" if cfg.lora_scope == "fam" else "all",
+             fam.describe(), cfg.lora_rank, ",".join(cfg.lora_targets), _lora_rows(cfg, fam),
              f" and {','.join(cfg.token_lora_targets)} of all rows" if cfg.token_lora_targets else "",
              sum(p.numel() for p in params.values()))
 
@@ -377,6 +377,13 @@ def _batch_source(cfg: TrainConfig, tokenizer):
     chat = ChatExamples(tokenizer, load_conversations(cfg.chat_data), cfg.seq_len) if cfg.chat_data else None
     return BatchSource(cfg.batch_size, text, passkey, cfg.passkey_fraction, cfg.seed, cfg.passkey_start_step,
                        recall, cfg.recall_fraction, chat, cfg.chat_fraction)
+
+
+def _lora_rows(cfg: TrainConfig, fam: FamConfig) -> str:
+    """Which rows the LoRA of --lora-targets reaches, as the start-up log says it."""
+    if cfg.lora_scope == "fam":
+        return "the FAM"
+    return "the FAM and the past-the-window token" if fam.gates_fam else "all"
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
