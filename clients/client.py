@@ -57,7 +57,7 @@ class FamserveAPIError(FamserveError):
 @dataclass(frozen=True)
 class SessionInfo:
     """A session as the server describes it (SessionInfo); `fam` holds mode, block_size, memory_blocks,
-    fam_length and sink_tokens."""
+    fam_length, sink_tokens and fam_after_window."""
 
     id: str
     model: str

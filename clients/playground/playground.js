@@ -172,7 +172,7 @@ function showSession(session) {
   $("d-turns").textContent = session.turns.toLocaleString();
   const fam = session.fam;
   $("d-fam").textContent = `${fam.mode}: block ${fam.block_size}, memory ${fam.memory_blocks}, ` +
-    `FAM ${fam.fam_length}, sinks ${fam.sink_tokens}`;
+    `FAM ${fam.fam_length}, sinks ${fam.sink_tokens}` + (fam.fam_after_window ? ", FAM read after the window" : "");
   const option = [...document.querySelectorAll('input[name="session"]')].find((i) => i.value === session.id);
   const meta = option?.parentElement.querySelector(".meta");
   if (meta) meta.textContent = `${session.tokens_processed.toLocaleString()} tok`;
