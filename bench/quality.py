@@ -103,8 +103,9 @@ def window_config(args: argparse.Namespace) -> tuple[int, int, int]:
 def load(label: str, args: argparse.Namespace, full_context: int) -> LoadedModel:
     mode, sinks, with_adapter = MODES[label]
     block, memory, sink_tokens = window_config(args)
+    late = with_adapter and FamAdapter.load(args.fam_adapter).fam_after_window  # served as it was trained
     fam = FamConfig(mode=mode, block_size=block, memory_blocks=memory, fam_length=args.fam_length,
-                    sink_tokens=sink_tokens if sinks else 0, full_context_tokens=full_context)
+                    sink_tokens=sink_tokens if sinks else 0, full_context_tokens=full_context, fam_after_window=late)
     return load_model(args.model, fam, mode, EngineConfig(device=args.device, dtype=args.dtype),
                       args.fam_adapter if with_adapter else None)
 

@@ -164,3 +164,26 @@ def test_engine_speed_targets_across_contexts_need_two_contexts():
     assert two["bswa: decode tok/s at 65536 >= 0.9x at 1024"]["value"] == 0.8
     assert two["bswa: decode tok/s at 65536 >= 0.9x at 1024"]["met"] is False
     assert two["bswa: state bytes at 65536 == at 1024"]["met"] is True
+
+
+def test_quality_serves_an_adapter_as_it_was_trained(tiny_llama_dir, tmp_path):
+    """--fam-adapter with an adapter trained with the FAM read after the window: the fam-adapter mode runs so."""
+    import torch
+
+    from famserve.engine.adapter import FamAdapter
+    from famserve.engine.build import load_model
+    from famserve.engine.config import FamConfig
+
+    model = load_model(tiny_llama_dir, FamConfig(mode="bswa")).model
+    g = torch.Generator().manual_seed(0)
+    lora = {name: (torch.randn(2, m.in_features, generator=g) * 0.1, torch.randn(m.out_features, 2, generator=g) * 0.1)
+            for name, m in model.named_modules() if name.endswith(("q_proj", "down_proj"))}
+    adapter = tmp_path / "late.safetensors"
+    FamAdapter(torch.randn(4, model.config.hidden_size, generator=g), model.config.fingerprint(), "tiny", 16, 1, 2,
+               lora, 1.0, fam_after_window=True).save(adapter)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts/book.txt").write_text("It was a bright cold day in April, and the clocks were striking. " * 10)
+    out = run_script("quality.py", "--model", str(tiny_llama_dir), "--modes", "fam-adapter", "--fam-adapter",
+                     str(adapter), "--texts-dir", str(tmp_path / "texts"), "--books", "book", "--max-tokens", "100",
+                     "--skip-passkey", "--plot-dir", "", "--threads", "1", "--out", str(tmp_path / "q.json"))
+    assert "fam-adapter: fam (L=16 M=1 F=4 S=2; FAM read after the window)" in out
