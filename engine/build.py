@@ -50,6 +50,16 @@ def shipped_fam_adapter(spec: str | Path, mode: str | None) -> Path | None:
     return Path(__file__).parent / name if name else None
 
 
+NO_FAM_ADAPTER = "none"  # as --fam-adapter: no adapter at all, not even the shipped one (an untrained FAM)
+
+
+def chosen_fam_adapter(given: str | Path | None, spec: str | Path, mode: str | None) -> Path | None:
+    """The adapter to load: the one given, none for NO_FAM_ADAPTER, else the shipped one (shipped_fam_adapter)."""
+    if given is not None and str(given).lower() == NO_FAM_ADAPTER:
+        return None
+    return Path(given) if given is not None else shipped_fam_adapter(spec, mode)
+
+
 # The attention shape an adapter was trained with, which it brings when the user does not choose one.
 ADAPTER_SHAPE = ("block_size", "memory_blocks", "sink_tokens", "fam_after_window")
 

@@ -16,7 +16,7 @@ from famserve.engine.training.cli import add_eval_parser, add_train_parser
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from famserve.engine.build import load_model, requested_fam, shipped_fam_adapter
+    from famserve.engine.build import chosen_fam_adapter, load_model, requested_fam
     from famserve.engine.config import EngineConfig
     from famserve.engine.errors import FamserveError
     from famserve.engine.runner import ModelRunner
@@ -29,7 +29,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fam, unset = requested_fam(args.block_size, args.memory_blocks, args.sink_tokens, args.fam_after_window,
                                    fam_length=args.fam_length)
         engine = EngineConfig(device=args.device, dtype=args.dtype)  # "auto" resolved here
-        adapter = args.fam_adapter or shipped_fam_adapter(args.model, args.mode)
+        adapter = chosen_fam_adapter(args.fam_adapter, args.model, args.mode)
         loaded = load_model(args.model, fam, args.mode, engine, adapter, unset)
         text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
         tok = loaded.tokenizer

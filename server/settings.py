@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     fam_adapter: Path | None = Field(None, description="trained FAM adapter (safetensors) to load: its FAM prompt, "
                                                        "and LoRA merged into the weights or kept for the FAM rows "
                                                        "(default with mode fam: the one famserve ships for the "
-                                                       "model, if any)")
+                                                       "model, if any; none: no adapter at all)")
     device: str = Field("auto", description="torch device: cpu, cuda, cuda:1, ...; auto: CUDA when torch sees a GPU, "
                                             "else the CPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -104,16 +104,18 @@ class Settings(BaseSettings):
     @field_validator("fam_adapter")
     @classmethod
     def _adapter_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and str(value).lower() == "none":  # no adapter at all (build.NO_FAM_ADAPTER)
+            return value
         if value is not None and not value.is_file():  # refused now, not minutes later when the model has loaded
             raise ValueError(f"{value}: FAM adapter file not found")
         return value
 
     @model_validator(mode="after")
     def _shipped_adapter(self) -> Settings:
-        if self.fam_adapter is None:  # --mode fam on a model famserve ships an adapter for: that adapter
-            from famserve.engine.build import shipped_fam_adapter  # here: reading settings needs no torch
+        # --mode fam on a model famserve ships an adapter for: that adapter, unless told "none"
+        from famserve.engine.build import chosen_fam_adapter  # here: reading settings needs no torch
 
-            self.fam_adapter = shipped_fam_adapter(self.model, self.mode)
+        self.fam_adapter = chosen_fam_adapter(self.fam_adapter, self.model, self.mode)
         return self
 
     @field_validator("log_level", mode="before")

@@ -191,12 +191,12 @@ def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, mode: str):
-    from famserve.engine.build import load_model, requested_fam, shipped_fam_adapter
+    from famserve.engine.build import chosen_fam_adapter, load_model, requested_fam
     from famserve.engine.config import EngineConfig
 
     fam, unset = requested_fam(args.block_size, args.memory_blocks, args.sink_tokens, args.fam_after_window,
                                fam_length=args.fam_length, full_context_tokens=args.full_context_tokens)
-    adapter = args.fam_adapter or shipped_fam_adapter(args.model, mode)
+    adapter = chosen_fam_adapter(args.fam_adapter, args.model, mode)
     return load_model(args.model, fam, mode, EngineConfig(device=args.device, dtype=args.dtype), adapter, unset)
 
 

@@ -62,9 +62,12 @@ def test_fam_mode_on_the_default_model_uses_the_shipped_adapter_at_its_shape():
 
 
 @pytest.mark.model
-def test_fam_mode_without_adapter_runs_and_warns():
-    gguf = str(resolve_model_path("smollm2-135m"))  # by path: famserve ships adapters for aliases only
-    out = famserve("generate", "--model", gguf, "--chat", "--prompt", "What is the capital of France?",
-                   "--max-tokens", "10", "--mode", "fam")
+@pytest.mark.parametrize("how", ["by-path", "fam-adapter-none"])
+def test_fam_mode_without_adapter_runs_and_warns(how):
+    # famserve ships adapters for aliases only: by its path, or with --fam-adapter none, the model has none
+    model, extra = ((str(resolve_model_path("smollm2-135m")), []) if how == "by-path"
+                    else ("smollm2-135m", ["--fam-adapter", "none"]))
+    out = famserve("generate", "--model", model, "--chat", "--prompt", "What is the capital of France?",
+                   "--max-tokens", "10", "--mode", "fam", *extra)
     assert out.returncode == 0, out.stderr
     assert "without a trained FAM adapter" in out.stderr and "mode fam (L=1024 M=3 F=64 S=4)" in out.stderr

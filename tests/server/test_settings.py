@@ -28,6 +28,8 @@ def test_fam_mode_on_a_model_with_a_shipped_adapter_loads_that_adapter(tmp_path)
     own = tmp_path / "own.safetensors"
     own.write_bytes(b"x")
     assert Settings(mode="fam", fam_adapter=own).fam_adapter == own  # a given adapter wins
+    assert Settings(mode="fam", fam_adapter="none").fam_adapter is None  # none: not even the shipped one
+    assert parse_settings(["--mode", "fam", "--fam-adapter", "NONE"]).fam_adapter is None
 
 
 def test_flag_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
