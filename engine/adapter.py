@@ -96,8 +96,13 @@ class FamAdapter:
                 raise CheckpointError(f"FAM adapter {self.source}: LoRA on every row and on the FAM rows both; "
                                       "fam_after_window supports one kind at a time")
             model.set_fam_lora(self._fam_lora(model, self.lora), after_window=True)
-            model.set_fam_prompt(self.fam_prompt)
-            return
+        else:
+            self._merge_lora(model)
+            if self.fam_lora:
+                model.set_fam_lora(self._fam_lora(model, self.fam_lora))
+        model.set_fam_prompt(self.fam_prompt)
+
+    def _merge_lora(self, model: torch.nn.Module) -> None:
         modules = dict(model.named_modules())
         with torch.no_grad():
             for name, (a, b) in self.lora.items():
@@ -105,9 +110,6 @@ class FamAdapter:
                 if not isinstance(linear, torch.nn.Linear):
                     raise CheckpointError(f"FAM adapter targets {name!r}, which is not a linear layer of this model")
                 linear.weight += (b.float() @ a.float() * self.lora_scale).to(linear.weight.dtype)
-        if self.fam_lora:
-            model.set_fam_lora(self._fam_lora(model, self.fam_lora))
-        model.set_fam_prompt(self.fam_prompt)
 
     def _fam_lora(self, model: torch.nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> FamLoRA:
         try:

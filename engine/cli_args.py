@@ -28,13 +28,11 @@ def add_model_args(p: argparse.ArgumentParser, shape_from_adapter: bool = False)
     shape_arg("--memory-blocks", "memory_blocks", "M: previous blocks visible")
     p.add_argument("--fam-length", type=int, default=default.fam_length, help="F: feedback-memory rows per layer")
     shape_arg("--sink-tokens", "sink_tokens", "S: attention-sink tokens kept visible")
-    after = ("fam mode: tokens read the FAM (and an adapter's LoRA applies to them) only once a block has left the "
-             "window")
-    if shape_from_adapter:
-        p.add_argument("--fam-after-window", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"{after} (default: as the adapter was trained, else off)")
-    else:
-        p.add_argument("--fam-after-window", action=argparse.BooleanOptionalAction, default=False, help=after)
+    p.add_argument("--fam-after-window", action=argparse.BooleanOptionalAction,
+                   default=None if shape_from_adapter else False,
+                   help="fam mode: tokens read the FAM (and an adapter's LoRA applies to them) only once a block has "
+                        "left the window" + (" (default: as the adapter was trained, else off)" if shape_from_adapter
+                                             else ""))
     # argparse passes a string default through type too, so args.device never holds "auto"
     p.add_argument("--device", default="auto", type=resolve_device,
                    help="torch device: cpu, cuda, cuda:1, ... (default auto: CUDA when torch sees a GPU, else the CPU)")

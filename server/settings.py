@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _shipped_adapter(self) -> Settings:
         # --mode fam on a model famserve ships an adapter for: that adapter, unless told "none"
-        from famserve.engine.build import chosen_fam_adapter  # here: reading settings needs no torch
+        from famserve.engine.build import chosen_fam_adapter  # here: importing this module stays torch-free
 
         self.fam_adapter = chosen_fam_adapter(self.fam_adapter, self.model, self.mode)
         return self
