@@ -166,8 +166,9 @@ def test_engine_speed_targets_across_contexts_need_two_contexts():
     assert two["bswa: state bytes at 65536 == at 1024"]["met"] is True
 
 
-def test_quality_serves_an_adapter_as_it_was_trained(tiny_llama_dir, tmp_path):
-    """--fam-adapter with an adapter trained with the FAM read after the window: the fam-adapter mode runs so."""
+@pytest.fixture
+def late_adapter(tiny_llama_dir: Path, tmp_path: Path) -> Path:
+    """An adapter of the tiny model trained with the FAM read after the window (random weights)."""
     import torch
 
     from famserve.engine.adapter import FamAdapter
@@ -181,9 +182,23 @@ def test_quality_serves_an_adapter_as_it_was_trained(tiny_llama_dir, tmp_path):
     adapter = tmp_path / "late.safetensors"
     FamAdapter(torch.randn(4, model.config.hidden_size, generator=g), model.config.fingerprint(), "tiny", 16, 1, 2,
                lora, 1.0, fam_after_window=True).save(adapter)
+    return adapter
+
+
+def test_quality_serves_an_adapter_as_it_was_trained(tiny_llama_dir, late_adapter, tmp_path):
+    """--fam-adapter with an adapter trained with the FAM read after the window: the fam-adapter mode runs so."""
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts/book.txt").write_text("It was a bright cold day in April, and the clocks were striking. " * 10)
     out = run_script("quality.py", "--model", str(tiny_llama_dir), "--modes", "fam-adapter", "--fam-adapter",
-                     str(adapter), "--texts-dir", str(tmp_path / "texts"), "--books", "book", "--max-tokens", "100",
-                     "--skip-passkey", "--plot-dir", "", "--threads", "1", "--out", str(tmp_path / "q.json"))
+                     str(late_adapter), "--texts-dir", str(tmp_path / "texts"), "--books", "book", "--max-tokens",
+                     "100", "--skip-passkey", "--plot-dir", "", "--threads", "1", "--out", str(tmp_path / "q.json"))
     assert "fam-adapter: fam (L=16 M=1 F=4 S=2; FAM read after the window)" in out
+
+
+def test_engine_speed_times_an_adapter_as_it_is_served(tiny_llama_dir, late_adapter, tmp_path):
+    """The FAM read after the window runs the adapter's LoRA unmerged, a cost the speed benchmark must include."""
+    run_script("engine_speed.py", "--model", str(tiny_llama_dir), "--systems", "fam", "--contexts", "64",
+               "--repeats", "1", "--decode-tokens", "2", *WINDOW, "--fam-adapter", str(late_adapter), "--no-roofline",
+               "--no-isolate", "--plot-dir", "", "--threads", "1", "--out", str(tmp_path / "speed.json"))
+    (row,) = json.loads((tmp_path / "speed.json").read_text())["results"]
+    assert row["description"] == "famserve fam (L=16 M=1 F=4 S=2; FAM read after the window)"
