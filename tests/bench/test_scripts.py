@@ -88,6 +88,37 @@ def test_markdown_tables_come_from_the_json(speed_json, quality_json):
     assert "| famserve BSWA |" in out and "| HF transformers |" in out and "| bswa |" in out
 
 
+def test_markdown_quality_summary_gathers_every_mode_of_several_runs(quality_json, tmp_path):
+    """One grid from several bench/quality.py files: a mode at another window is another row, a cell measured
+    twice shows the run with more trials, and only whole books count as perplexity over a book."""
+    first = json.loads(quality_json.read_text())  # bswa and full at L=16 M=1; the book's first 300 tokens
+    more = json.loads(quality_json.read_text())
+    more["args"]["max_tokens"] = None
+    more["passkey"] = [{**r, "trials": 4, "correct": 3} for r in more["passkey"] if r["label"] == "bswa"]
+    wider = json.loads(quality_json.read_text())
+    wider["window"]["block_size"] = 32
+    wider["passkey"] = [{**r, "num_tokens": 2048} for r in wider["passkey"] if r["label"] == "bswa"]
+    wider["perplexity"] = []
+    paths = []
+    for name, payload in (("first", first), ("more", more), ("wider", wider)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(payload))
+    out = run_script("markdown.py", "--quality-summary", "summary", *map(str, paths))
+    passkey, perplexity = out.split("over whole books")
+    lines = {line.split(" | ")[0]: line for line in passkey.splitlines() if line.startswith("| ")}
+    assert lines["| bswa (L=16 M=1)"].startswith("| bswa (L=16 M=1) | 3/4 | not run | more (CPU, float32)")
+    assert lines["| bswa (L=32 M=1)"].startswith(f"| bswa (L=32 M=1) | not run | {cell(first, 'bswa')} | wider (CPU, "
+                                                  "float32)")
+    assert lines["| full (512 context)"].startswith(f"| full (512 context) | {cell(first, 'full')} | beyond its context")
+    ppl = [line for line in perplexity.splitlines() if line.startswith("| bswa")]
+    assert len(ppl) == 1 and ppl[0].endswith("| more (CPU, float32) |")  # the first file scored 300 tokens only
+
+
+def cell(payload: dict, label: str) -> str:
+    r = next(r for r in payload["passkey"] if r["label"] == label)
+    return f"{r['correct']}/{r['trials']}"
+
+
 def test_plots_are_written(speed_json, quality_json, tmp_path):
     run_script("plot.py", str(speed_json), str(quality_json), "--out-dir", str(tmp_path))
     assert {p.name for p in tmp_path.glob("*.png")} == {"bench_speed.png", "bench_memory.png", "bench_passkey.png",
