@@ -109,7 +109,8 @@ def test_markdown_quality_summary_gathers_every_mode_of_several_runs(quality_jso
     assert lines["| bswa (L=16 M=1)"].startswith("| bswa (L=16 M=1) | 3/4 | not run | more (CPU, float32)")
     assert lines["| bswa (L=32 M=1)"].startswith(f"| bswa (L=32 M=1) | not run | {cell(first, 'bswa')} | wider (CPU, "
                                                   "float32)")
-    assert lines["| full (512 context)"].startswith(f"| full (512 context) | {cell(first, 'full')} | beyond its context")
+    assert lines["| full (512 context)"].startswith(f"| full (512 context) | {cell(first, 'full')} | beyond its "
+                                                    "context")
     ppl = [line for line in perplexity.splitlines() if line.startswith("| bswa")]
     assert len(ppl) == 1 and ppl[0].endswith("| more (CPU, float32) |")  # the first file scored 300 tokens only
 
