@@ -33,7 +33,6 @@ import torch
 
 import roofline
 from common import peak_rss_bytes, print_table, rss_bytes, save_run, spread, start, write_json
-from famserve.engine.adapter import FamAdapter
 from famserve.engine.build import DTYPES, LoadedModel, load_model
 from famserve.engine.config import EngineConfig, FamConfig, default_prefill_tokens
 from famserve.engine.loader import resolve_model_path
@@ -337,13 +336,12 @@ def runs_at(context: int, args: argparse.Namespace) -> int:
 
 def load_famserve(key: str, args: argparse.Namespace, context: int) -> LoadedModel:
     engine = EngineConfig(device=args.device, dtype=args.dtype, prefill_chunk_tokens=args.prefill_chunk)
-    adapter = args.fam_adapter if key == "fam" else None
-    late = adapter is not None and FamAdapter.load(adapter).fam_after_window  # timed as it is served
     fam = FamConfig(mode="bswa" if key in ("hf", "llamacpp") else key, block_size=args.block_size,
                     memory_blocks=args.memory_blocks, fam_length=args.fam_length, sink_tokens=args.sink_tokens,
-                    full_context_tokens=context + args.decode_tokens,  # full: exactly what this context needs
-                    fam_after_window=late)
-    return load_model(args.model, fam, fam.mode, engine, adapter)
+                    full_context_tokens=context + args.decode_tokens)  # full: exactly what this context needs
+    adapter = args.fam_adapter if key == "fam" else None
+    return load_model(args.model, fam, fam.mode, engine, adapter,
+                      shape_from_adapter=("fam_after_window",))  # timed with the rule it is served with
 
 
 def summarize(key: str, system: Any, points: list[Point], rss_after_load: int, num_decode: int) -> dict[str, Any]:

@@ -103,11 +103,11 @@ def window_config(args: argparse.Namespace) -> tuple[int, int, int]:
 def load(label: str, args: argparse.Namespace, full_context: int) -> LoadedModel:
     mode, sinks, with_adapter = MODES[label]
     block, memory, sink_tokens = window_config(args)
-    late = with_adapter and FamAdapter.load(args.fam_adapter).fam_after_window  # served as it was trained
     fam = FamConfig(mode=mode, block_size=block, memory_blocks=memory, fam_length=args.fam_length,
-                    sink_tokens=sink_tokens if sinks else 0, full_context_tokens=full_context, fam_after_window=late)
+                    sink_tokens=sink_tokens if sinks else 0, full_context_tokens=full_context)
     return load_model(args.model, fam, mode, EngineConfig(device=args.device, dtype=args.dtype),
-                      args.fam_adapter if with_adapter else None)
+                      args.fam_adapter if with_adapter else None,
+                      shape_from_adapter=("fam_after_window",))  # served with the rule it was trained with
 
 
 # --- perplexity and next-token accuracy --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .adapter import FamAdapter
-from .config import EngineConfig, FamConfig
+from .config import NO_FAM_ADAPTER, EngineConfig, FamConfig
 from .errors import CheckpointError
 from .loader import Checkpoint, load_checkpoint
 from .model import FamModel
@@ -48,9 +48,6 @@ def shipped_fam_adapter(spec: str | Path, mode: str | None) -> Path | None:
     """The adapter famserve ships for model alias `spec`, when FAM mode is asked for; else None."""
     name = SHIPPED_FAM_ADAPTERS.get(spec.lower()) if isinstance(spec, str) and mode == "fam" else None
     return Path(__file__).parent / name if name else None
-
-
-NO_FAM_ADAPTER = "none"  # as --fam-adapter: no adapter at all, not even the shipped one (an untrained FAM)
 
 
 def chosen_fam_adapter(given: str | Path | None, spec: str | Path, mode: str | None) -> Path | None:

@@ -20,6 +20,9 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ValueError(f"{name}: {message}")
 
 
+NO_FAM_ADAPTER = "none"  # as --fam-adapter: no adapter at all, not even the shipped one (an untrained FAM)
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 style frequency scaling ("llama3") or plain position interpolation ("linear")."""

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from famserve.engine.config import NO_FAM_ADAPTER
+
 ENV_PREFIX = "FAMSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -104,7 +106,7 @@ class Settings(BaseSettings):
     @field_validator("fam_adapter")
     @classmethod
     def _adapter_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and str(value).lower() == "none":  # no adapter at all (build.NO_FAM_ADAPTER)
+        if value is not None and str(value).lower() == NO_FAM_ADAPTER:  # no adapter at all
             return value
         if value is not None and not value.is_file():  # refused now, not minutes later when the model has loaded
             raise ValueError(f"{value}: FAM adapter file not found")
