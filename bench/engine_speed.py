@@ -36,11 +36,13 @@ from common import peak_rss_bytes, print_table, rss_bytes, save_run, spread, sta
 from famserve.engine.build import DTYPES, LoadedModel, load_model
 from famserve.engine.config import EngineConfig, FamConfig, default_prefill_tokens
 from famserve.engine.loader import resolve_model_path
+from famserve.engine.quant import Int4DecodeLinear
 from famserve.engine.runner import ModelRunner
 from famserve.engine.tokenizer import Tokenizer
 
-FAMSERVE_MODES = ("full", "bswa", "fam")
-STREAMING = ("bswa", "fam")  # constant-size state: one stream is read through every context
+INT4 = "-int4"  # a famserve system with this suffix decodes from int4 weights (EngineConfig.quantize)
+FAMSERVE_MODES = ("full", "bswa", "fam", "bswa" + INT4, "fam" + INT4)
+STREAMING = ("bswa", "fam", "bswa" + INT4, "fam" + INT4)  # constant-size state: one stream read through every context
 SYSTEMS = (*FAMSERVE_MODES, "hf", "llamacpp")
 WARMUP_TOKENS = 256  # prompt length of the one untimed warm-up run per loaded model
 # On a GPU 256 tokens left the first timed pass 3-4x slower (run G): warm up through the paths the timed runs take
@@ -96,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for m in args.systems:
         if m not in SYSTEMS:
             p.error(f"--systems: unknown system {m!r} (choose from {', '.join(SYSTEMS)})")
+        if m.endswith(INT4) and (args.dtype != "bfloat16" or args.device != "cpu"):
+            p.error(f"--systems {m}: int4 weights run on the CPU in bfloat16 (--dtype bfloat16)")
     if not args.contexts or args.contexts[0] < 1:
         p.error("--contexts: give positive token counts")
     if args.decode_tokens < 1 or args.repeats < 1:
@@ -136,13 +140,16 @@ class FamserveSystem:
         self.lm, self.tokenizer = lm, lm.tokenizer
         self.runner = ModelRunner(lm.model, max_step_tokens=prefill_chunk, cuda_graphs=cuda_graphs)
         graphs = {True: ", CUDA-graph decode", False: ", eager decode"}[self.runner.graphs is not None]
+        int4 = [m for m in lm.model.modules() if isinstance(m, Int4DecodeLinear)]
         self.description = f"famserve {lm.model.fam_config.describe()}" + (graphs if lm.model.device.type == "cuda"
-                                                                         else "")
+                                                                         else "") + (", int4 decode" if int4 else "")
         fam = lm.model.fam_config
         self.window = None if fam.mode == "full" else roofline.Window(fam.block_size, fam.memory_blocks,
                                                                       fam.num_fam_rows, fam.num_sinks)
         self.shape = roofline.Shape.of(lm.model.config)
-        self.weight_bytes = self.shape.matmul_params * lm.model.dtype.itemsize
+        # a decode step reads the int4 copies of the quantized projections (with their scales), the rest densely
+        dense_params = self.shape.matmul_params - sum(m.weight.numel() for m in int4)
+        self.weight_bytes = dense_params * lm.model.dtype.itemsize + sum(m.int4.nbytes for m in int4)
         self.kv_element_bytes = lm.model.dtype.itemsize
 
     def new_stream(self) -> Any:
@@ -335,11 +342,13 @@ def runs_at(context: int, args: argparse.Namespace) -> int:
 
 
 def load_famserve(key: str, args: argparse.Namespace, context: int) -> LoadedModel:
-    engine = EngineConfig(device=args.device, dtype=args.dtype, prefill_chunk_tokens=args.prefill_chunk)
-    fam = FamConfig(mode="bswa" if key in ("hf", "llamacpp") else key, block_size=args.block_size,
+    engine = EngineConfig(device=args.device, dtype=args.dtype, prefill_chunk_tokens=args.prefill_chunk,
+                          quantize="int4" if key.endswith(INT4) else "none")
+    mode = key.removesuffix(INT4)
+    fam = FamConfig(mode="bswa" if key in ("hf", "llamacpp") else mode, block_size=args.block_size,
                     memory_blocks=args.memory_blocks, fam_length=args.fam_length, sink_tokens=args.sink_tokens,
                     full_context_tokens=context + args.decode_tokens)  # full: exactly what this context needs
-    adapter = args.fam_adapter if key == "fam" else None
+    adapter = args.fam_adapter if mode == "fam" else None
     return load_model(args.model, fam, fam.mode, engine, adapter,
                       shape_from_adapter=("fam_after_window",))  # timed with the rule it is served with
 

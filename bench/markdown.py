@@ -14,7 +14,8 @@ from typing import Any
 
 MIB = 2**20
 LABELS = {"bswa": "famserve BSWA", "fam": "famserve FAM", "full": "famserve full", "hf": "HF transformers",
-          "llamacpp": "llama.cpp Q4_1"}
+          "llamacpp": "llama.cpp Q4_1", "bswa-int4": "famserve BSWA, int4 decode",
+          "fam-int4": "famserve FAM, int4 decode"}
 
 
 def _table(columns: list[str], rows: list[list[str]]) -> str:
@@ -78,7 +79,7 @@ def engine_speed(payload: dict[str, Any]) -> str:
         out += ["**Ratios of medians** (famserve tokens/s over the peer's, same run):", ""]
         out += [_table(["famserve", "context", *(c[1] for c in cols)],
                        [[r["system"], _k(r["context_tokens"]), *(f"{r[k]:.2f}" if k in r else "-" for k, _ in cols)]
-                        for r in ratio_rows if r["system"] in ("bswa", "fam", "full")]), ""]
+                        for r in ratio_rows if r["system"] not in ("hf", "llamacpp")]), ""]
     return "\n".join(out)
 
 
@@ -124,7 +125,8 @@ def _mode_row(payload: dict[str, Any], label: str) -> str:
     if label == "full":
         return f"full ({_k(payload['args']['full_context'])} context)"
     w = payload["window"]
-    return f"{label} (L={w['block_size']} M={w['memory_blocks']})"
+    int4 = ", int4" if payload.get("args", {}).get("quantize") == "int4" else ""
+    return f"{label} (L={w['block_size']} M={w['memory_blocks']}{int4})"
 
 
 def _source(payload: dict[str, Any], path: str) -> str:

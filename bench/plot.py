@@ -17,9 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-LABELS = {"bswa": "famserve BSWA", "fam": "famserve FAM", "full": "famserve full", "hf": "HF transformers",
-          "llamacpp": "llama.cpp"}
-MIB = 2**20
+from markdown import LABELS, MIB  # noqa: E402
 
 
 def _subtitle(payload: dict[str, Any]) -> str:

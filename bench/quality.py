@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="tokens per engine step (default: the engine's for the device, 512 on CPU, 8192 on CUDA)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--quantize", choices=["none", "int4"], default="none",
+                   help="int4: decode weights rounded to 4 bits (bfloat16, CPU; the int4 kernel reads steps of at most "
+                        "8 tokens, so give --chunk-tokens 8 to score through it)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -105,8 +108,8 @@ def load(label: str, args: argparse.Namespace, full_context: int) -> LoadedModel
     block, memory, sink_tokens = window_config(args)
     fam = FamConfig(mode=mode, block_size=block, memory_blocks=memory, fam_length=args.fam_length,
                     sink_tokens=sink_tokens if sinks else 0, full_context_tokens=full_context)
-    return load_model(args.model, fam, mode, EngineConfig(device=args.device, dtype=args.dtype),
-                      args.fam_adapter if with_adapter else None,
+    engine = EngineConfig(device=args.device, dtype=args.dtype, quantize=args.quantize)
+    return load_model(args.model, fam, mode, engine, args.fam_adapter if with_adapter else None,
                       shape_from_adapter=("fam_after_window",))  # served with the rule it was trained with
 
 

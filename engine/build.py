@@ -1,5 +1,6 @@
-"""Builds a ready FamModel from a checkpoint: weights on the device in the chosen dtype, the FAM adapter merged when
-given, and the attention mode resolved (FAM with a trained adapter, otherwise BSWA with sinks)."""
+"""Builds a ready FamModel from a checkpoint: weights on the device in the chosen dtype (with int4 copies for decode
+when asked), the FAM adapter merged when given, and the attention mode resolved (FAM with a trained adapter,
+otherwise BSWA with sinks)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .config import NO_FAM_ADAPTER, EngineConfig, FamConfig
 from .errors import CheckpointError
 from .loader import Checkpoint, load_checkpoint
 from .model import FamModel
+from .quant import quantize_int4
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,9 @@ def load_model(spec: str | Path, fam: FamConfig | None = None, mode: str | None 
     if adapter is not None:
         adapter.merge_into(model)
     model.eval().requires_grad_(False)
+    if engine.quantize == "int4":  # from the float32 weights as loaded: a Q4_1 file's weights keep their codes
+        added = quantize_int4(model.model.layers, dtype)
+        log.info("int4 decode weights: %.1f MiB beside the %s ones", added / 2**20, engine.dtype)
     model.to_device(engine.device, dtype)
     log.info("loaded %s (%s) on %s as %s; attention mode: %s", ckpt.model_id, ckpt.source, engine.device,
              engine.dtype, fam.describe())

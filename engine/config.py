@@ -249,6 +249,9 @@ class EngineConfig:
     # its state fits. None: DEFAULT_CPU_STATE_MEMORY_BYTES on CPU, CUDA_STATE_MEMORY_FRACTION of free memory on CUDA.
     state_memory_bytes: int | None = None
     cuda_graphs: bool = True  # on CUDA: decode steps and whole blocks replayed from CUDA graphs (cuda_graphs.py)
+    # "int4": the decoder's projections rounded to 4 bits (GGUF Q4_1's scheme) and read by torch's int4 kernel in
+    # decode steps (quant.py); CPU and bfloat16 only ("auto" dtype then means bfloat16)
+    quantize: Literal["none", "int4"] = "none"
 
     @property
     def prefill_tokens(self) -> int:
@@ -261,6 +264,12 @@ class EngineConfig:
         # frozen: the resolved names replace "auto" once, so every reader sees the device and dtype actually used
         object.__setattr__(self, "device", resolve_device(self.device))
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", f"unsupported dtype {self.dtype!r}")
+        _require(self.quantize in ("none", "int4"), "quantize", f"unknown quantization {self.quantize!r}")
+        if self.quantize == "int4":
+            _require(self.device.split(":")[0] == "cpu", "quantize", "int4 weights run on the CPU only")
+            _require(self.dtype in ("auto", "bfloat16"), "quantize",
+                     f"int4 weights run in bfloat16 (torch's int4 kernel), not {self.dtype}")
+            object.__setattr__(self, "dtype", "bfloat16")
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         _require(self.max_running > 0, "max_running", "must be positive")
         _require(self.max_waiting > 0, "max_waiting", "must be positive")

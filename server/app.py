@@ -89,7 +89,8 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None,
 def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(device=settings.device, dtype=settings.dtype, max_running=settings.max_running,
                         max_waiting=settings.max_waiting, prefill_chunk_tokens=settings.prefill_budget_tokens,
-                        state_memory_bytes=settings.state_memory_bytes, cuda_graphs=settings.cuda_graphs)
+                        state_memory_bytes=settings.state_memory_bytes, cuda_graphs=settings.cuda_graphs,
+                        quantize=settings.quantize)
 
 
 def load_model_from_settings(settings: Settings) -> LoadedModel:

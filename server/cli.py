@@ -28,7 +28,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         fam, unset = requested_fam(args.block_size, args.memory_blocks, args.sink_tokens, args.fam_after_window,
                                    fam_length=args.fam_length)
-        engine = EngineConfig(device=args.device, dtype=args.dtype)  # "auto" resolved here
+        engine = EngineConfig(device=args.device, dtype=args.dtype, quantize=args.quantize)  # "auto" resolved
         adapter = chosen_fam_adapter(args.fam_adapter, args.model, args.mode)
         loaded = load_model(args.model, fam, args.mode, engine, adapter, unset)
         text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
@@ -45,7 +45,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = loaded.model
-    print(f"[famserve] {loaded.model_id}, mode {model.fam_config.describe()}, {engine.device} {engine.dtype}, "
+    int4 = ", int4 decode" if engine.quantize == "int4" else ""
+    print(f"[famserve] {loaded.model_id}, mode {model.fam_config.describe()}, {engine.device} {engine.dtype}{int4}, "
           f"{torch.get_num_threads()} CPU threads", file=sys.stderr)
     runner, sampler = ModelRunner(model), Sampler(model.config.vocab_size)
     sampling = SamplingState(params, model.config.vocab_size, prompt, device=model.device, matcher=matcher)

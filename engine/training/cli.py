@@ -197,7 +197,8 @@ def _load(args: argparse.Namespace, mode: str):
     fam, unset = requested_fam(args.block_size, args.memory_blocks, args.sink_tokens, args.fam_after_window,
                                fam_length=args.fam_length, full_context_tokens=args.full_context_tokens)
     adapter = chosen_fam_adapter(args.fam_adapter, args.model, mode)
-    return load_model(args.model, fam, mode, EngineConfig(device=args.device, dtype=args.dtype), adapter, unset)
+    engine = EngineConfig(device=args.device, dtype=args.dtype, quantize=args.quantize)
+    return load_model(args.model, fam, mode, engine, adapter, unset)
 
 
 Row = tuple[list[str], dict]  # one line of the printed table and the JSON record it comes from

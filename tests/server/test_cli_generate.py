@@ -22,6 +22,17 @@ def test_generate_on_the_tiny_model(tiny_llama_dir):
     assert "tok/s" in out.stderr and "state" in out.stderr
 
 
+def test_generate_with_int4_decode(tiny_llama_dir):
+    args = ("generate", "--model", str(tiny_llama_dir), "--prompt", "hello there", "--max-tokens", "5",
+            "--block-size", "8", "--memory-blocks", "1", "--threads", "1", "--quantize", "int4")
+    out = famserve(*args)
+    assert out.returncode == 0, out.stderr
+    assert "cpu bfloat16, int4 decode, 1 CPU threads" in out.stderr  # --dtype auto with int4: bfloat16
+    wrong = famserve(*args, "--dtype", "float32")
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.startswith("error: quantize: int4 weights run in bfloat16")
+
+
 def test_generate_holds_the_output_to_a_json_schema(tiny_llama_dir, tmp_path):
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["n"], "additionalProperties": False}
