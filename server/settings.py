@@ -124,6 +124,15 @@ class Settings(BaseSettings):
         self.fam_adapter = chosen_fam_adapter(self.fam_adapter, self.model, self.mode)
         return self
 
+    @model_validator(mode="after")
+    def _int4_on_the_cpu_in_bfloat16(self) -> Settings:
+        # refused now, not once the model has loaded (device "auto" on a GPU machine is refused at load)
+        if self.quantize == "int4" and self.dtype not in ("auto", "bfloat16"):
+            raise ValueError(f"quantize int4 runs in bfloat16 (torch's int4 kernel), not dtype {self.dtype}")
+        if self.quantize == "int4" and self.device not in ("auto", "cpu"):
+            raise ValueError(f"quantize int4 runs on the CPU only, not device {self.device}")
+        return self
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:

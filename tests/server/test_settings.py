@@ -83,3 +83,14 @@ def test_device_and_dtype_default_to_what_the_machine_runs() -> None:
     assert (engine.device, engine.dtype) == (("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32"))
     engine = engine_config(parse_settings(["--dtype", "bfloat16", "--device", "cpu"]))
     assert (engine.device, engine.dtype) == ("cpu", "bfloat16")
+
+
+def test_int4_decode_asks_for_the_cpu_in_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    from famserve.server.app import engine_config
+
+    monkeypatch.setenv("FAMSERVE_QUANTIZE", "int4")
+    engine = engine_config(parse_settings(["--device", "cpu"]))
+    assert (engine.device, engine.dtype, engine.quantize) == ("cpu", "bfloat16", "int4")  # auto dtype: bfloat16
+    for wrong, field in ((["--dtype", "float32"], "dtype float32"), (["--device", "cuda"], "device cuda")):
+        with pytest.raises(ValidationError, match=f"quantize int4 .*not {field}"):
+            parse_settings(wrong)
