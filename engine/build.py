@@ -4,6 +4,8 @@ otherwise BSWA with sinks)."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, replace
@@ -78,6 +80,16 @@ def _shape(fam: FamConfig | FamAdapter) -> str:
     return f"L={fam.block_size} M={fam.memory_blocks} S={fam.sink_tokens}{late}"
 
 
+def release_freed_heap() -> None:
+    """Hand the heap a load freed (the float32 copy of every weight, dequantized GGUF blocks) back to the OS: glibc
+    keeps it mapped otherwise, and the process stays 380-580 MB larger on the default model (measured RSS)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def load_model(spec: str | Path, fam: FamConfig | None = None, mode: str | None = None,
                engine: EngineConfig | None = None, adapter_path: str | Path | None = None,
                shape_from_adapter: Collection[str] = ()) -> LoadedModel:
@@ -112,6 +124,9 @@ def load_model(spec: str | Path, fam: FamConfig | None = None, mode: str | None 
         added = quantize_int4(model.model.layers, dtype)
         log.info("int4 decode weights: %.1f MiB beside the %s ones", added / 2**20, engine.dtype)
     model.to_device(engine.device, dtype)
+    loaded = LoadedModel(model, ckpt.tokenizer, ckpt.model_id, adapter is not None)
     log.info("loaded %s (%s) on %s as %s; attention mode: %s", ckpt.model_id, ckpt.source, engine.device,
              engine.dtype, fam.describe())
-    return LoadedModel(model, ckpt.tokenizer, ckpt.model_id, adapter is not None)
+    del ckpt, weights  # the float32 copies (load_state_dict copied them into the model's own tensors)
+    release_freed_heap()
+    return loaded

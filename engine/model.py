@@ -168,7 +168,13 @@ class FamModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (T, C) last-layer rows -> (T, V) logits, float32 (or float64 for a float64 model)."""
-        out = fn.linear(self.model.norm(hidden), self.output_weight())
+        normed, weight = self.model.norm(hidden), self.output_weight()
+        if normed.shape[0] == 1 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
+            # one row (a decode step): torch's bfloat16 matrix-vector product reads the (V, C) output weights, the
+            # largest read of the step, 1.5-2.5x faster than linear does (measured on a Xeon with AMX)
+            out = torch.mv(weight, normed[0])[None]
+        else:
+            out = fn.linear(normed, weight)
         return out if out.dtype == torch.float64 else out.float()
 
     def to_device(self, device: torch.device | str, dtype: torch.dtype) -> "FamModel":

@@ -33,8 +33,9 @@ def serve(argv: list[str]) -> int:
         settings.all_api_keys()  # an unreadable api_key_file fails now, not after the imports below
     except ValidationError as exc:
         for error in exc.errors():
-            name = ".".join(str(part) for part in error["loc"])
-            print(f"famserve serve: {name}: {error['msg']}", file=sys.stderr)
+            name = ".".join(str(part) for part in error["loc"])  # empty for a check across settings
+            message = error["msg"].removeprefix("Value error, ")
+            print(f"famserve serve: {name + ': ' if name else ''}{message}", file=sys.stderr)
         return 2
     except ValueError as exc:
         print(f"famserve serve: {exc}", file=sys.stderr)

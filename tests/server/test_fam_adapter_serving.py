@@ -129,7 +129,7 @@ def test_a_missing_adapter_file_is_refused(start_server, tiny_llama_dir, tmp_pat
     missing = tmp_path / "no-such-adapter.safetensors"
     code, log = failed_start(start_server, tiny_server_args(tiny_llama_dir, fam_adapter=missing))
     assert code != 0
-    assert f"famserve serve: fam_adapter: Value error, {missing}: FAM adapter file not found" in log  # at parse time
+    assert f"famserve serve: fam_adapter: {missing}: FAM adapter file not found" in log  # at parse time
     assert "Traceback" not in log
 
 
