@@ -25,6 +25,7 @@ from famserve.engine.build import DTYPES, load_model
 from famserve.engine.config import MODES, EngineConfig, FamConfig, ModelConfig, RopeScaling
 from famserve.engine.engine import GenerationRequest, LLMEngine, RequestOutput
 from famserve.engine.model import FamModel
+from famserve.engine.quant import quantize_int4
 from famserve.engine.sampling import SamplingParams
 
 MIB = 2**20
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per stream count (the median is reported)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--quantize", choices=["none", "int4"], default="none",
+                   help="int4: decode steps of up to 8 streams read 4-bit weights (CPU, bfloat16)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA: every decode step eager (the baseline)")
     p.add_argument("--out", default="bench/results/throughput.json")
@@ -68,8 +71,9 @@ def build_model(args: argparse.Namespace) -> tuple[FamModel, str]:
     """The model under test and a description of it."""
     fam = FamConfig(mode=args.mode, full_context_tokens=args.prompt_tokens + args.decode_tokens)
     if args.random_shape is None:
-        loaded = load_model(args.model, fam, args.mode, EngineConfig(device=args.device, dtype=args.dtype))
-        return loaded.model, loaded.model_id
+        engine = EngineConfig(device=args.device, dtype=args.dtype, quantize=args.quantize)
+        loaded = load_model(args.model, fam, args.mode, engine)
+        return loaded.model, loaded.model_id + (", int4 decode" if args.quantize == "int4" else "")
     torch.manual_seed(0)
     with torch.device(args.device):  # weights are created where they run (no multi-GB copy from the CPU)
         model = FamModel(RANDOM_SHAPES[args.random_shape], fam)
@@ -78,8 +82,10 @@ def build_model(args: argparse.Namespace) -> tuple[FamModel, str]:
             if param.dim() >= 2:  # embeddings and projections; norms keep their ones
                 param.normal_(0.0, 0.02)
     model.eval().requires_grad_(False)
+    if args.quantize == "int4":
+        quantize_int4(model.model.layers, DTYPES[args.dtype])
     model.to_device(args.device, DTYPES[args.dtype])
-    return model, f"random {args.random_shape}"
+    return model, f"random {args.random_shape}" + (", int4 decode" if args.quantize == "int4" else "")
 
 
 @dataclass
