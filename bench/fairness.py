@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, name = build_model(argparse.Namespace(**vars(args), prompt_tokens=args.ingest_tokens,
-                                                 decode_tokens=args.chat_tokens))  # full mode's context
+                                                 decode_tokens=args.chat_tokens, quantize="none"))  # full's context
     engine = LLMEngine.from_config(model, eos_token_ids=[], config=EngineConfig(
         device=args.device, dtype=args.dtype, prefill_chunk_tokens=args.prefill_budget_tokens))
     run(engine, model, argparse.Namespace(**{**vars(args), "chats": 1}), with_ingest=False)  # warm-up

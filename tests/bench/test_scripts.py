@@ -234,3 +234,19 @@ def test_engine_speed_times_an_adapter_as_it_is_served(tiny_llama_dir, late_adap
                "--no-isolate", "--plot-dir", "", "--threads", "1", "--out", str(tmp_path / "speed.json"))
     (row,) = json.loads((tmp_path / "speed.json").read_text())["results"]
     assert row["description"] == "famserve fam (L=16 M=1 F=4 S=2; FAM read after the window)"
+
+
+def test_engine_speed_and_throughput_run_int4_decode(tiny_llama_dir, tmp_path):
+    run_script("engine_speed.py", "--model", str(tiny_llama_dir), "--systems", "bswa,bswa-int4", "--contexts", "64",
+               "--repeats", "1", "--decode-tokens", "2", *WINDOW, "--dtype", "bfloat16", "--no-roofline",
+               "--no-isolate", "--plot-dir", "", "--threads", "1", "--out", str(tmp_path / "speed.json"))
+    rows = {r["system"]: r for r in json.loads((tmp_path / "speed.json").read_text())["results"]}
+    assert rows["bswa-int4"]["description"] == rows["bswa"]["description"] + ", int4 decode"
+    assert rows["bswa-int4"]["state_nbytes"] == rows["bswa"]["state_nbytes"]
+    refused = subprocess.run([sys.executable, "bench/engine_speed.py", "--systems", "bswa-int4"], cwd=ROOT,
+                             capture_output=True, text=True)  # float32, the script's default dtype
+    assert refused.returncode == 2 and "int4 weights run on the CPU in bfloat16" in refused.stderr
+    run_script("throughput.py", "--model", str(tiny_llama_dir), "--streams", "1,2", "--decode-tokens", "3",
+               "--prompt-tokens", "8", "--threads", "1", "--dtype", "bfloat16", "--quantize", "int4",
+               "--out", str(tmp_path / "throughput.json"))
+    assert json.loads((tmp_path / "throughput.json").read_text())["model"].endswith(", int4 decode")
