@@ -3,10 +3,11 @@ scale and a minimum per group (GGUF's Q4_1 scheme, so a Q4_1 checkpoint round-tr
 torch's packed int4 kernel when a step has few rows, and as dense bfloat16 of the same rounded values otherwise.
 
 Why both: a decode step reads every weight for one row a stream, and is bound by the bytes it reads; 4 bits a weight
-read by `_weight_int4pack_mm_for_cpu` decode 3x faster than bfloat16 (docs/benchmarks.md). A prefill step multiplies
-hundreds of rows and is bound by arithmetic, where the int4 kernel is 10x slower than a bfloat16 (AMX) matmul. So the
-dense weights stay, holding exactly the values the int4 kernel computes with (up to bfloat16's rounding of each
-weight): prompt and decode see one model. It costs a quarter more weight memory, not less."""
+read by `_weight_int4pack_mm_for_cpu` take a third of the time of a bfloat16 matrix-vector product, and decode runs
+about twice as fast (docs/benchmarks.md run P). A prefill step multiplies hundreds of rows and is bound by
+arithmetic, where the int4 kernel is 10x slower than a bfloat16 (AMX) matmul. So the dense weights stay, holding
+exactly the values the int4 kernel computes with (up to bfloat16's rounding of each weight): prompt and decode see
+one model. It costs a quarter more weight memory, not less."""
 
 from __future__ import annotations
 
