@@ -133,6 +133,9 @@ def test_throughput_measures_each_stream_count(tiny_llama_dir, tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [r["streams"] for r in results] == [1, 3]
     assert results[1]["states_bytes"] == 3 * results[0]["states_bytes"] and all(r["decode_tok_s"] > 0 for r in results)
+    table = run_script("markdown.py", str(out))
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| streams")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 1", "| 3"] and "| 1.00 |" in rows[0]
 
 
 def test_fairness_finishes_when_the_ingest_ends_before_every_chat_started(tiny_llama_dir, tmp_path):
