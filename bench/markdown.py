@@ -98,8 +98,10 @@ def targets(payload: dict[str, Any]) -> str:
 
 
 def quality(payload: dict[str, Any]) -> str:
+    a = payload.get("args", {})
+    int4 = f"; int4 decode weights, {a['chunk_tokens']} tokens a step" if a.get("quantize") == "int4" else ""
     out = [f"Machine: {machine_line(payload)}; window L={payload['window']['block_size']} "
-           f"M={payload['window']['memory_blocks']} S={payload['window']['sink_tokens']}", ""]
+           f"M={payload['window']['memory_blocks']} S={payload['window']['sink_tokens']}{int4}", ""]
     ppl = [r for r in payload.get("perplexity") or [] if "skipped" not in r]
     if ppl:
         limit = payload.get("args", {}).get("max_tokens")
