@@ -143,7 +143,7 @@ def quality_summary(payloads: list[tuple[str, dict[str, Any]]]) -> str:
     cell from the first file (in argument order) that scored the whole book; each row names its files."""
     passkey: dict[tuple[str, int], tuple[dict[str, Any], str]] = {}
     perplexity: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
-    skipped: dict[tuple[str, int], str] = {}
+    skipped: set[tuple[str, int]] = set()  # (row, length) a file skipped: beyond that mode's context
     contexts: dict[str, int] = {}  # full attention's context, past which it has no PassKey cell
     for path, payload in payloads:
         source = _source(payload, path)
@@ -151,7 +151,7 @@ def quality_summary(payloads: list[tuple[str, dict[str, Any]]]) -> str:
         for r in payload.get("passkey") or []:
             key = (_mode_row(payload, r["label"]), r["num_tokens"])
             if "skipped" in r:
-                skipped.setdefault(key, r["skipped"])
+                skipped.add(key)
             elif key not in passkey or r["trials"] > passkey[key][0]["trials"]:
                 passkey[key] = (r, source)
         if payload.get("args", {}).get("max_tokens"):
