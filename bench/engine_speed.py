@@ -34,7 +34,7 @@ import torch
 import roofline
 from common import peak_rss_bytes, print_table, rss_bytes, save_run, spread, start, write_json
 from famserve.engine.build import DTYPES, LoadedModel, load_model
-from famserve.engine.config import EngineConfig, FamConfig, default_prefill_tokens
+from famserve.engine.config import EngineConfig, FamConfig, default_prefill_tokens, int4_conflict
 from famserve.engine.loader import resolve_model_path
 from famserve.engine.quant import Int4DecodeLinear
 from famserve.engine.runner import ModelRunner
@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for m in args.systems:
         if m not in SYSTEMS:
             p.error(f"--systems: unknown system {m!r} (choose from {', '.join(SYSTEMS)})")
-        if m.endswith(INT4) and (args.dtype != "bfloat16" or args.device != "cpu"):
+        if m.endswith(INT4) and int4_conflict(args.device, args.dtype):
             p.error(f"--systems {m}: int4 weights run on the CPU in bfloat16 (--dtype bfloat16)")
     if not args.contexts or args.contexts[0] < 1:
         p.error("--contexts: give positive token counts")
@@ -141,8 +141,8 @@ class FamserveSystem:
         self.runner = ModelRunner(lm.model, max_step_tokens=prefill_chunk, cuda_graphs=cuda_graphs)
         graphs = {True: ", CUDA-graph decode", False: ", eager decode"}[self.runner.graphs is not None]
         int4 = [m for m in lm.model.modules() if isinstance(m, Int4DecodeLinear)]
-        self.description = f"famserve {lm.model.fam_config.describe()}" + (graphs if lm.model.device.type == "cuda"
-                                                                         else "") + (", int4 decode" if int4 else "")
+        self.description = (f"famserve {lm.model.fam_config.describe()}"
+                            f"{graphs if lm.model.device.type == 'cuda' else ''}{', int4 decode' if int4 else ''}")
         fam = lm.model.fam_config
         self.window = None if fam.mode == "full" else roofline.Window(fam.block_size, fam.memory_blocks,
                                                                       fam.num_fam_rows, fam.num_sinks)

@@ -27,7 +27,7 @@ from common import print_table, save_run, start
 from markdown import passkey_grid
 from famserve.engine.adapter import FamAdapter
 from famserve.engine.build import DTYPES, LoadedModel, load_model
-from famserve.engine.config import EngineConfig, FamConfig, default_prefill_tokens
+from famserve.engine.config import QUANTIZATIONS, EngineConfig, FamConfig, default_prefill_tokens
 from famserve.engine.model import FamModel
 from famserve.engine.training import evaluate
 from famserve.engine.training.data import iter_text_tokens
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="tokens per engine step (default: the engine's for the device, 512 on CPU, 8192 on CUDA)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--quantize", choices=["none", "int4"], default="none",
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                    help="int4: decode weights rounded to 4 bits (bfloat16, CPU; the int4 kernel reads steps of at most "
                         "8 tokens, so give --chunk-tokens 8 to score through it)")
     p.add_argument("--device", default="cpu")

@@ -22,7 +22,7 @@ import torch
 
 from common import peak_rss_bytes, print_table, start, stream_counts, write_json
 from famserve.engine.build import DTYPES, load_model
-from famserve.engine.config import MODES, EngineConfig, FamConfig, ModelConfig, RopeScaling
+from famserve.engine.config import MODES, QUANTIZATIONS, EngineConfig, FamConfig, ModelConfig, RopeScaling
 from famserve.engine.engine import GenerationRequest, LLMEngine, RequestOutput
 from famserve.engine.model import FamModel
 from famserve.engine.quant import quantize_int4
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per stream count (the median is reported)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--quantize", choices=["none", "int4"], default="none",
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                    help="int4: decode steps of up to 8 streams read 4-bit weights (CPU, bfloat16)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA: every decode step eager (the baseline)")
@@ -70,10 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(args: argparse.Namespace) -> tuple[FamModel, str]:
     """The model under test and a description of it."""
     fam = FamConfig(mode=args.mode, full_context_tokens=args.prompt_tokens + args.decode_tokens)
+    int4 = ", int4 decode" if args.quantize == "int4" else ""
     if args.random_shape is None:
         engine = EngineConfig(device=args.device, dtype=args.dtype, quantize=args.quantize)
         loaded = load_model(args.model, fam, args.mode, engine)
-        return loaded.model, loaded.model_id + (", int4 decode" if args.quantize == "int4" else "")
+        return loaded.model, loaded.model_id + int4
     torch.manual_seed(0)
     with torch.device(args.device):  # weights are created where they run (no multi-GB copy from the CPU)
         model = FamModel(RANDOM_SHAPES[args.random_shape], fam)
@@ -82,10 +83,10 @@ def build_model(args: argparse.Namespace) -> tuple[FamModel, str]:
             if param.dim() >= 2:  # embeddings and projections; norms keep their ones
                 param.normal_(0.0, 0.02)
     model.eval().requires_grad_(False)
-    if args.quantize == "int4":
+    if int4:
         quantize_int4(model.model.layers, DTYPES[args.dtype])
     model.to_device(args.device, DTYPES[args.dtype])
-    return model, f"random {args.random_shape}" + (", int4 decode" if args.quantize == "int4" else "")
+    return model, f"random {args.random_shape}{int4}"
 
 
 @dataclass

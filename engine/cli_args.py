@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from famserve.engine.config import resolve_device
+from famserve.engine.config import QUANTIZATIONS, resolve_device
 
 
 def add_model_args(p: argparse.ArgumentParser, shape_from_adapter: bool = False) -> None:
@@ -47,7 +47,7 @@ def add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights and state dtype (default auto: bfloat16 on a GPU, float16 on one without bf16, "
                         "float32 on the CPU)")
-    p.add_argument("--quantize", choices=["none", "int4"], default="none",
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                    help="int4: decode reads the projections as 4-bit weights (GGUF Q4_1's scheme), about 2x faster on "
                         "the CPU; CPU and bfloat16 only, so --dtype auto means bfloat16 (default: none)")
 

@@ -21,6 +21,18 @@ def _require(ok: bool, name: str, message: str) -> None:
 
 
 NO_FAM_ADAPTER = "none"  # as --fam-adapter: no adapter at all, not even the shipped one (an untrained FAM)
+QUANTIZATIONS = ("none", "int4")  # EngineConfig.quantize
+
+
+def int4_conflict(device: str, dtype: str) -> str | None:
+    """Why int4 weights (quant.py) cannot run with this device and dtype ("auto" for either is fine), or None: the
+    one rule EngineConfig, the server's settings and the benchmarks check (torch's CPU int4 kernel is fast for
+    bfloat16 activations only)."""
+    if dtype not in ("auto", "bfloat16"):
+        return f"int4 weights run in bfloat16 (torch's int4 kernel), not dtype {dtype}"
+    if device.split(":")[0] not in ("auto", "cpu"):
+        return f"int4 weights run on the CPU only, not device {device}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -264,11 +276,10 @@ class EngineConfig:
         # frozen: the resolved names replace "auto" once, so every reader sees the device and dtype actually used
         object.__setattr__(self, "device", resolve_device(self.device))
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", f"unsupported dtype {self.dtype!r}")
-        _require(self.quantize in ("none", "int4"), "quantize", f"unknown quantization {self.quantize!r}")
+        _require(self.quantize in QUANTIZATIONS, "quantize", f"unknown quantization {self.quantize!r}")
         if self.quantize == "int4":
-            _require(self.device.split(":")[0] == "cpu", "quantize", "int4 weights run on the CPU only")
-            _require(self.dtype in ("auto", "bfloat16"), "quantize",
-                     f"int4 weights run in bfloat16 (torch's int4 kernel), not {self.dtype}")
+            conflict = int4_conflict(self.device, self.dtype)
+            _require(conflict is None, "quantize", conflict or "")
             object.__setattr__(self, "dtype", "bfloat16")
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         _require(self.max_running > 0, "max_running", "must be positive")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from famserve.engine.config import NO_FAM_ADAPTER
+from famserve.engine.config import NO_FAM_ADAPTER, int4_conflict
 
 ENV_PREFIX = "FAMSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -127,10 +127,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _int4_on_the_cpu_in_bfloat16(self) -> Settings:
         # refused now, not once the model has loaded (device "auto" on a GPU machine is refused at load)
-        if self.quantize == "int4" and self.dtype not in ("auto", "bfloat16"):
-            raise ValueError(f"quantize int4 runs in bfloat16 (torch's int4 kernel), not dtype {self.dtype}")
-        if self.quantize == "int4" and self.device not in ("auto", "cpu"):
-            raise ValueError(f"quantize int4 runs on the CPU only, not device {self.device}")
+        conflict = int4_conflict(self.device, self.dtype) if self.quantize == "int4" else None
+        if conflict:
+            raise ValueError(f"quantize {conflict}")
         return self
 
     @field_validator("log_level", mode="before")
